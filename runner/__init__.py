@@ -1,0 +1,1 @@
+"""pyunion's container runner and image store, built on the union filesystem."""

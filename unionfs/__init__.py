@@ -1,0 +1,1 @@
+"""pyunion's union filesystem: a FUSE-free semantics engine under a thin pyfuse3 adapter."""
