@@ -1,0 +1,212 @@
+"""Turning samples into results: medians, ratios to fuse-overlayfs, the table, JSON and the chart."""
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+from pathlib import Path
+
+from bench.systems import REFERENCE, SYSTEMS
+
+SUBJECT = "pyunion"
+SLOWEST_PEER = "unionfs-fuse"
+
+
+def summarize(samples: dict, errors: dict, memory: dict, steps: list, systems: list[str]) -> dict:
+    """Medians and ratios per step; a step's ratio is system median / fuse-overlayfs median."""
+    result = {"steps": {}, "memory_kib": {}}
+    for step in steps:
+        medians = {
+            name: statistics.median(samples[step.name][name])
+            for name in systems
+            if samples[step.name].get(name)
+        }
+        reference = medians.get(REFERENCE)
+        ratios = {name: m / reference for name, m in medians.items()} if reference else {}
+        verdict = {}
+        if SUBJECT in ratios:
+            verdict["target"] = "ok" if ratios[SUBJECT] <= step.target else "MISS"
+        if SUBJECT in medians and SLOWEST_PEER in medians:
+            verdict["vs_unionfs_fuse"] = "ok" if medians[SUBJECT] <= medians[SLOWEST_PEER] else "MISS"
+        result["steps"][step.name] = {
+            "note": step.note,
+            "target": step.target,
+            "samples": {name: samples[step.name].get(name, []) for name in systems},
+            "median": medians,
+            "ratio": ratios,
+            "errors": {name: errs for name, errs in errors.get(step.name, {}).items() if errs},
+            "verdict": verdict,
+        }
+    for name, values in memory.items():
+        if values:
+            result["memory_kib"][name] = int(statistics.median(values))
+    return result
+
+
+def format_table(summary: dict, systems: list[str]) -> str:
+    """A Markdown table: median seconds and (ratio to fuse-overlayfs), and pyunion's verdicts."""
+    heads = ["workload", *(SYSTEMS[s].label for s in systems)]
+    with_subject = SUBJECT in systems
+    if with_subject:
+        heads += ["pyunion target", "pyunion ≤ unionfs-fuse"]
+    rows = [heads, ["---"] * len(heads)]
+    for name, step in summary["steps"].items():
+        row = [name]
+        for system in systems:
+            if system in step["errors"] and system not in step["median"]:
+                row.append("FAIL")
+                continue
+            median = step["median"].get(system)
+            ratio = step["ratio"].get(system)
+            cell = "-" if median is None else f"{median:.3f} s"
+            if ratio is not None:
+                cell += f" ({ratio:.2f})"
+            if system in step["errors"]:
+                cell += " !"
+            row.append(cell)
+        if with_subject:
+            verdict = step["verdict"]
+            row.append(f"≤ {step['target']}: {verdict['target']}" if "target" in verdict else "-")
+            row.append(verdict.get("vs_unionfs_fuse", "-"))
+        rows.append(row)
+    memory = summary["memory_kib"]
+    if memory:
+        row = ["daemon peak memory (stat)"]
+        for system in systems:
+            row.append(f"{memory[system] / 1024:.1f} MiB" if system in memory else "-")
+        if with_subject:
+            row += ["", ""]
+        rows.append(row)
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n"
+
+
+def format_errors(summary: dict) -> str:
+    lines = []
+    for name, step in summary["steps"].items():
+        for system, errs in step["errors"].items():
+            lines.append(f"- {name} on {system}: {len(errs)} failed run(s), first: {errs[0]}")
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def misses(summary: dict) -> list[str]:
+    out = []
+    for name, step in summary["steps"].items():
+        verdict = step["verdict"]
+        if verdict.get("target") == "MISS":
+            out.append(f"{name}: {step['ratio'][SUBJECT]:.2f} > {step['target']}")
+        if verdict.get("vs_unionfs_fuse") == "MISS":
+            out.append(f"{name}: slower than unionfs-fuse")
+    return out
+
+
+def _first_line(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    text = (done.stdout + done.stderr).strip()
+    return text.splitlines()[0] if text else "?"
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    root = Path(__file__).resolve().parent.parent
+    commit = _first_line(["git", "-C", str(root), "rev-parse", "--short", "HEAD"])
+    try:
+        debian = Path("/etc/debian_version").read_text().strip()
+    except OSError:
+        debian = "?"
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "memory_gib": round(mem / 2**30, 1),
+        "kernel": platform.release(),
+        "debian": debian,
+        "python": platform.python_version(),
+        "pyunion_commit": commit,
+        "fuse-overlayfs": _first_line(["fuse-overlayfs", "--version"]),
+        "unionfs-fuse": _first_line(["unionfs-fuse", "--version"]),
+    }
+
+
+def save_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
+
+
+def draw_chart(summary: dict, systems: list[str], path: Path) -> None:
+    """Grouped bars of each system's ratio to fuse-overlayfs per workload (log scale), with targets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, s in summary["steps"].items() if s["ratio"]]
+    shown = [s for s in systems if any(s in summary["steps"][n]["ratio"] for n in names)]
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(names) + 2), 5.5))
+    width = 0.8 / max(1, len(shown))
+    for i, system in enumerate(shown):
+        xs = [k + (i - (len(shown) - 1) / 2) * width for k in range(len(names))]
+        ys = [summary["steps"][n]["ratio"].get(system, float("nan")) for n in names]
+        ax.bar(xs, ys, width, label=SYSTEMS[system].label)
+    for k, n in enumerate(names):
+        target = summary["steps"][n]["target"]
+        ax.plot([k - 0.45, k + 0.45], [target, target], color="black", linestyle=":", linewidth=1)
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=35, ha="right")
+    ax.set_ylabel("median time / fuse-overlayfs (log scale)")
+    ax.set_title("Time relative to fuse-overlayfs (lower is faster; dotted: pyunion target)")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def results_markdown(data: dict, systems: list[str], chart_name: str | None) -> str:
+    """The text of bench/RESULTS.md for one run."""
+    summary = data["summary"]
+    m = data["machine"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Produced by `{data['command']}` on {data['finished']} "
+        f"(profile `{data['profile']}`, {data['reps']} repetitions, systems interleaved, "
+        "each repetition on a fresh mount with the layers in the page cache).",
+        "",
+        "Cells: median seconds and, in parentheses, the ratio to fuse-overlayfs. "
+        "`!` marks a system with failed runs (listed below).",
+        "",
+        format_table(summary, systems),
+    ]
+    errors = format_errors(summary)
+    if errors:
+        lines += ["Failed runs:", "", errors]
+    missed = misses(summary)
+    if missed:
+        lines += ["pyunion misses:", "", *(f"- {x}" for x in missed), ""]
+    if chart_name:
+        lines += [f"![ratios to fuse-overlayfs]({chart_name})", ""]
+    lines += [
+        "Machine:",
+        "",
+        f"- CPU: {m['cpu']} ({m['cpus']} CPUs), {m['memory_gib']} GiB RAM",
+        f"- kernel {m['kernel']}, Debian {m['debian']}, Python {m['python']}",
+        f"- {m['fuse-overlayfs']}; {m['unionfs-fuse']}; pyunion at commit {m['pyunion_commit']}",
+        "",
+        "Workloads:",
+        "",
+        *(f"- `{n}`: {s['note']}" for n, s in summary["steps"].items()),
+        "",
+    ]
+    return "\n".join(lines)

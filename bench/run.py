@@ -1,0 +1,256 @@
+"""The benchmark command: installs peers, builds layers, runs every workload on every system."""
+
+import argparse
+import importlib.util
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench import report
+from bench.layers import PROFILES, LayerError, ensure_layers
+from bench.systems import SYSTEMS, MountError, System
+from bench.workloads import SCENARIOS_BY_NAME, Scenario, environment, timed_steps
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "bench" / "out"
+DEFAULT_REPS = 5
+
+
+class BenchError(Exception):
+    """A failure that ends the benchmark; printed as one line."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise BenchError(message)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = Parser(prog="python -m bench", description=__doc__)
+    p.add_argument("--systems", default=",".join(SYSTEMS),
+                   help=f"comma-separated, from {','.join(SYSTEMS)} (default: all)")
+    p.add_argument("--workloads", default=",".join(SCENARIOS_BY_NAME),
+                   help=f"comma-separated, from {','.join(SCENARIOS_BY_NAME)} (default: all)")
+    p.add_argument("--reps", type=int, default=DEFAULT_REPS,
+                   help=f"repetitions, each on a fresh mount (default {DEFAULT_REPS})")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="full",
+                   help="data set: full (Debian minbase + Python stdlib, default) or tiny")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help="cache and results directory (default bench/out)")
+    p.add_argument("--mirror", help="Debian mirror for debootstrap (default: the one apt uses)")
+    p.add_argument("--no-install", action="store_true",
+                   help="do not apt-get/pip install missing peers or matplotlib")
+    p.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
+    p.add_argument("--record", action="store_true",
+                   help="also write bench/RESULTS.md and bench/results.png")
+    args = p.parse_args(argv)
+    args.systems = _choose(args.systems, SYSTEMS, "system")
+    args.workloads = _choose(args.workloads, SCENARIOS_BY_NAME, "workload")
+    if args.reps < 1:
+        raise BenchError("--reps must be at least 1")
+    return args
+
+
+def _choose(text: str, known: dict, what: str) -> list[str]:
+    names = [n for n in text.split(",") if n]
+    for n in names:
+        if n not in known:
+            raise BenchError(f"unknown {what} {n!r} (choose from {', '.join(known)})")
+    if not names:
+        raise BenchError(f"no {what} chosen")
+    return [n for n in known if n in names]  # canonical order
+
+
+def install_requirements(args) -> None:
+    """apt-get the peers (and debootstrap) that are missing; pip install the bench extra."""
+    packages, missing = [], []
+    for name in args.systems:
+        system = SYSTEMS[name]
+        if system.missing_programs():
+            packages += system.apt_packages
+            missing += system.missing_programs()
+    if PROFILES[args.profile].base == "debootstrap" and not shutil.which("debootstrap"):
+        packages.append("debootstrap")
+        missing.append("debootstrap")
+    if packages:
+        if args.no_install:
+            raise BenchError(f"missing {', '.join(missing)} (apt-get install {' '.join(packages)})")
+        log(f"installing {' '.join(packages)} ...")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], env=env, check=False)
+        done = subprocess.run(["apt-get", "install", "-y", "-qq", *packages], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            raise BenchError(f"apt-get install {' '.join(packages)} failed: "
+                             f"{(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    if not args.no_chart and importlib.util.find_spec("matplotlib") is None:
+        if args.no_install:
+            log("matplotlib is missing: no chart (pip install -e '.[bench]')")
+            args.no_chart = True
+            return
+        log("installing the bench extra (matplotlib) ...")
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "-q",
+                               "--disable-pip-version-check", "-e", f"{ROOT}[bench]"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            log("could not install matplotlib: no chart")
+            args.no_chart = True
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def warm_page_cache(root: Path) -> None:
+    """Read every backing file once so that all systems start from the page cache."""
+    subprocess.run(["bash", "-o", "pipefail", "-c", 'tar cf - -C "$1" . | cat > /dev/null', "sh",
+                    str(root)], check=False)
+
+
+class Collector:
+    """Samples, failures and peak memory gathered over the whole run."""
+
+    def __init__(self, steps):
+        self.samples = {s.name: {} for s in steps}
+        self.errors = {s.name: {} for s in steps}
+        self.memory = {}
+
+    def fail(self, step_names, system: str, message: str) -> None:
+        for name in step_names:
+            self.errors[name].setdefault(system, []).append(message)
+
+
+def run_command(command: str, env: dict) -> tuple[float, str | None]:
+    start = time.perf_counter()
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", command], env=env,
+                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        return elapsed, last
+    return elapsed, None
+
+
+def run_scenario(scenario: Scenario, system: System, layers, scratch: Path,
+                 collector: Collector) -> str:
+    """One fresh mount of `system`, the scenario's steps on it; returns a progress line."""
+    timed = [s.name for s in scenario.steps if s.timed]
+    try:
+        mounted = system.mount(layers, scratch, scenario.private, scenario.writes)
+    except MountError as e:
+        collector.fail(timed, system.name, str(e))
+        return f"mount failed: {e}"
+    times, problem = {}, None
+    try:
+        env = environment(mounted.path, layers)
+        for step in scenario.steps:
+            elapsed, problem = run_command(step.command, env)
+            if problem:
+                problem = f"{step.name}: {problem}"
+                break
+            if step.timed:
+                times[step.name] = elapsed
+        if not problem and scenario.check:
+            problem = scenario.check(mounted.path, layers)
+        if scenario.memory and mounted.pid:
+            peak = mounted.peak_memory_kib()
+            if peak:
+                collector.memory.setdefault(system.name, []).append(peak)
+    finally:
+        try:
+            system.unmount(mounted)
+        except MountError as e:
+            problem = problem or str(e)
+        if scenario.writes:
+            os.sync()
+    if problem:
+        collector.fail(timed, system.name, problem)
+        return f"FAILED {problem}"
+    for name, elapsed in times.items():
+        collector.samples[name].setdefault(system.name, []).append(elapsed)
+    return "  ".join(f"{name} {t:.3f}s" for name, t in times.items())
+
+
+def run(args, command_line: str) -> dict:
+    if os.geteuid() != 0:
+        raise BenchError("must run as root (it mounts overlayfs and FUSE filesystems)")
+    install_requirements(args)
+    profile = PROFILES[args.profile]
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    layers = ensure_layers(out, profile, args.mirror, log)
+    scratch = out / "scratch"
+    scratch.mkdir(exist_ok=True)
+    scenarios = [SCENARIOS_BY_NAME[n] for n in args.workloads]
+    steps = timed_steps(scenarios)
+    collector = Collector(steps)
+    log("warming the page cache ...")
+    warm_page_cache(layers.root)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    for rep in range(args.reps):
+        for index, scenario in enumerate(scenarios):
+            shift = (rep + index) % len(args.systems)
+            for name in args.systems[shift:] + args.systems[:shift]:  # interleaved, rotating
+                line = run_scenario(scenario, SYSTEMS[name], layers, scratch, collector)
+                log(f"[{rep + 1}/{args.reps}] {scenario.name:<13} {name:<14} {line}")
+    summary = report.summarize(collector.samples, collector.errors, collector.memory, steps,
+                               args.systems)
+    return {
+        "command": command_line,
+        "started": started,
+        "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "profile": profile.name,
+        "reps": args.reps,
+        "systems": args.systems,
+        "machine": report.machine(),
+        "summary": summary,
+    }
+
+
+def publish(args, data: dict) -> None:
+    """Print the table; save JSON, chart and report under --out (and bench/ with --record)."""
+    out = args.out.resolve()
+    summary = data["summary"]
+    print(report.format_table(summary, args.systems), end="")
+    errors = report.format_errors(summary)
+    if errors:
+        print("\nFailed runs:\n" + errors, end="")
+    missed = report.misses(summary)
+    if missed:
+        print("\npyunion misses: " + "; ".join(missed))
+    report.save_json(out / "results.json", data)
+    chart = None
+    if not args.no_chart:
+        chart = out / "results.png"
+        report.draw_chart(summary, args.systems, chart)
+    (out / "RESULTS.md").write_text(report.results_markdown(data, args.systems, chart and chart.name))
+    log(f"saved {out / 'results.json'}" + (f" and {chart}" if chart else ""))
+    if args.record:
+        bench_dir = ROOT / "bench"
+        if chart:
+            shutil.copyfile(chart, bench_dir / "results.png")
+        report.save_json(bench_dir / "results.json", data)
+        (bench_dir / "RESULTS.md").write_text(
+            report.results_markdown(data, args.systems, "results.png" if chart else None))
+        log(f"recorded {bench_dir / 'RESULTS.md'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command_line = " ".join(["python -m bench", *map(shlex.quote, argv)])
+    try:
+        args = parse_args(argv)
+        data = run(args, command_line)
+        publish(args, data)
+    except (BenchError, LayerError) as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 2 if isinstance(e, BenchError) else 1
+    except KeyboardInterrupt:
+        return 130
+    failed = any(s["errors"] for s in data["summary"]["steps"].values())
+    return 1 if failed else 0

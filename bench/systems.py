@@ -1,0 +1,241 @@
+"""The systems under test: how each one mounts the layers on a fresh writable layer and unmounts."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.layers import Layers
+
+MOUNT_TIMEOUT = 60.0
+
+
+class MountError(Exception):
+    """Mounting or unmounting a system failed; the message is one line."""
+
+
+@dataclass
+class Mounted:
+    """A live instance of a system: the merged tree at `path`, and its daemon (FUSE systems)."""
+
+    path: Path
+    pid: int | None = None
+    cleanups: list = field(default_factory=list)
+
+    def peak_memory_kib(self) -> int | None:
+        """The daemon's peak resident set (VmHWM) so far, in KiB."""
+        if self.pid is None:
+            return None
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+        except OSError:
+            return None
+        return None
+
+
+def _unescape_mountinfo(text: str) -> str:
+    return text.encode().decode("unicode_escape") if "\\" in text else text
+
+
+def is_mounted(path: Path) -> bool:
+    wanted = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(_unescape_mountinfo(line.split()[4]) == wanted for line in f)
+
+
+def _run(argv: list[str], what: str) -> None:
+    done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        raise MountError(f"{what}: {last}")
+
+
+def _remove_tree(path: Path) -> None:
+    if path.exists() and not is_mounted(path):
+        subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+def pyunion_command() -> list[str]:
+    """The pyunion program of this checkout (its virtualenv), else the one on PATH."""
+    local = Path(sys.executable).parent / "pyunion"
+    if local.exists():
+        return [str(local)]
+    found = shutil.which("pyunion")
+    return [found] if found else [sys.executable, "-m", "unionfs"]
+
+
+class System:
+    """One union implementation; subclasses say how to mount it."""
+
+    name = ""
+    label = ""
+    programs: tuple[str, ...] = ()  # executables it needs
+    apt_packages: tuple[str, ...] = ()  # where they come from
+
+    def missing_programs(self) -> list[str]:
+        return [p for p in self.programs if not shutil.which(p)]
+
+    def mount(self, layers: Layers, scratch: Path, private: tuple[str, ...], writes: bool) -> Mounted:
+        raise NotImplementedError
+
+    @staticmethod
+    def unmount(mounted: Mounted) -> None:
+        errors = []
+        for cleanup in reversed(mounted.cleanups):
+            try:
+                cleanup()
+            except (OSError, MountError, subprocess.SubprocessError) as e:
+                errors.append(str(e))
+        mounted.cleanups.clear()
+        if errors:
+            raise MountError(errors[0])
+
+
+class Native(System):
+    """A plain merged copy; a hard-linked farm of it when the workload writes."""
+
+    name = "native"
+    label = "native"
+
+    def mount(self, layers, scratch, private, writes):
+        if not writes:
+            return Mounted(layers.native)
+        farm = scratch / "native"
+        _remove_tree(farm)
+        _run(["cp", "-al", str(layers.native), str(farm)], "making the native farm")
+        mounted = Mounted(farm, cleanups=[lambda: _remove_tree(farm)])
+        for rel in private:  # files the workload changes in place must not be shared links
+            target = farm / rel
+            _run(["cp", "-a", str(layers.native / rel), f"{target}.copy"], "copying a private file")
+            os.replace(f"{target}.copy", target)
+        return mounted
+
+
+class _Layered(System):
+    """A system that stacks an empty writable directory over app and base."""
+
+    def _dirs(self, scratch: Path) -> tuple[Path, Path, Path]:
+        top = scratch / self.name
+        _remove_tree(top)
+        upper, work, mnt = top / "upper", top / "work", top / "mnt"
+        for d in (upper, work, mnt):
+            d.mkdir(parents=True)
+        return top, upper, mnt
+
+
+class KernelOverlay(_Layered):
+    name = "overlayfs"
+    label = "kernel overlayfs"
+
+    def mount(self, layers, scratch, private, writes):
+        top, upper, mnt = self._dirs(scratch)
+        options = f"lowerdir={layers.app}:{layers.base},upperdir={upper},workdir={top / 'work'}"
+        _run(["mount", "-t", "overlay", "overlay", "-o", options, str(mnt)], "mount -t overlay")
+        return Mounted(
+            mnt,
+            cleanups=[lambda: _remove_tree(top), lambda: _run(["umount", str(mnt)], "umount")],
+        )
+
+
+class _Fuse(_Layered):
+    """A FUSE daemon run in the foreground by us, so its pid and memory are known."""
+
+    def argv(self, layers: Layers, top: Path, upper: Path, mnt: Path) -> list[str]:
+        raise NotImplementedError
+
+    def unmount_argv(self, mnt: Path) -> list[str]:
+        return ["umount", str(mnt)]
+
+    def mount(self, layers, scratch, private, writes):
+        top, upper, mnt = self._dirs(scratch)
+        log = open(top / "daemon.log", "wb")
+        proc = subprocess.Popen(
+            self.argv(layers, top, upper, mnt),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+        log.close()
+        mounted = Mounted(mnt, pid=proc.pid, cleanups=[lambda: _remove_tree(top)])
+        mounted.cleanups.append(lambda: self._stop(proc, mnt, top))
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while not is_mounted(mnt):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                self.unmount(mounted)
+                raise MountError(f"{self.label} did not mount: {self._last_log_line(top)}")
+            time.sleep(0.005)
+        return mounted
+
+    @staticmethod
+    def _last_log_line(top: Path) -> str:
+        try:
+            lines = (top / "daemon.log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            lines = []
+        return lines[-1] if lines else "no message"
+
+    def _stop(self, proc: subprocess.Popen, mnt: Path, top: Path) -> None:
+        problem = None
+        if is_mounted(mnt):
+            done = subprocess.run(self.unmount_argv(mnt), capture_output=True, text=True)
+            if done.returncode != 0:
+                problem = f"{self.label} unmount failed: {(done.stderr.strip() or '?').splitlines()[-1]}"
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            problem = problem or f"{self.label} daemon did not exit after unmount"
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if is_mounted(mnt):
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        if problem:
+            raise MountError(problem)
+
+
+class FuseOverlayfs(_Fuse):
+    name = "fuse-overlayfs"
+    label = "fuse-overlayfs"
+    programs = ("fuse-overlayfs",)
+    apt_packages = ("fuse-overlayfs",)
+
+    def argv(self, layers, top, upper, mnt):
+        options = f"lowerdir={layers.app}:{layers.base},upperdir={upper},workdir={top / 'work'}"
+        return ["fuse-overlayfs", "-f", "-o", options, str(mnt)]
+
+
+class UnionfsFuse(_Fuse):
+    name = "unionfs-fuse"
+    label = "unionfs-fuse"
+    programs = ("unionfs-fuse",)
+    apt_packages = ("unionfs-fuse",)
+
+    def argv(self, layers, top, upper, mnt):
+        branches = f"{upper}=RW:{layers.app}=RO:{layers.base}=RO"
+        return ["unionfs-fuse", "-f", "-o", "cow", branches, str(mnt)]
+
+
+class Pyunion(_Fuse):
+    name = "pyunion"
+    label = "pyunion"
+
+    def argv(self, layers, top, upper, mnt):
+        branches = f"{upper}=rw:{layers.app}=ro+wh:{layers.base}=ro+wh"
+        return [*pyunion_command(), "mount", "-f", branches, str(mnt)]
+
+    def unmount_argv(self, mnt):
+        return [*pyunion_command(), "umount", str(mnt)]
+
+
+SYSTEMS = {s.name: s for s in (Native(), KernelOverlay(), FuseOverlayfs(), UnionfsFuse(), Pyunion())}
+REFERENCE = "fuse-overlayfs"
