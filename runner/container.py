@@ -1,0 +1,403 @@
+"""One container run: the process tree, namespaces, the union mount and teardown.
+
+Processes (host view):
+  runner      `pyunion run`: cgroup, id maps, signal forwarding, terminal relay, cleanup
+  keeper      own user (rootless) + mount namespace; serves the union (daemon child), unmounts
+  spawner     joins the cgroup, unshares mount/pid/uts/ipc/cgroup(/net) namespaces
+  init        pid 1: mounts, pivot_root, starts the command, reaps, forwards signals
+  command     pid 2 in the container
+"""
+
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from runner import libc, rootfs
+from runner.cgroups import Cgroup, Hierarchy, Limits, hierarchies
+from runner.errors import RunError
+from runner.idmap import IdMapping, plan_mapping, write_maps
+from runner.init import Command, run_init
+from runner.initlayer import write_init_layer
+from runner.privileges import last_cap
+from runner.rootfs import Volume
+from runner.terminal import relay
+from unionfs.branches import RO_WH, RW, BranchSpec, format_branches
+
+EXIT_RUNNER = 125
+MOUNT_TIMEOUT = 60.0
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+RUNNER_FORWARDED = (
+    signal.SIGHUP,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGTERM,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+
+
+@dataclass
+class RunSpec:
+    """Everything a run needs, decided before any process is started."""
+
+    layers: list[BranchSpec]  # read-only, top first
+    argv: list[str]
+    rw_dir: str | None = None  # kept writable layer; None: a temporary one
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: str = "/"
+    user: str | None = None  # "UID[:GID]" or a name from the container's /etc/passwd
+    hostname: str = ""
+    volumes: list[Volume] = field(default_factory=list)
+    net: str = "host"
+    limits: Limits = field(default_factory=Limits)
+    tty: bool = False
+    use_chroot: bool = False
+
+
+def new_id() -> str:
+    return secrets.token_hex(6)
+
+
+def _say(message: str) -> None:
+    try:
+        os.write(2, f"pyunion: {message}\n".encode(errors="replace"))
+    except OSError:
+        pass
+
+
+def _read_line(fd: int) -> str:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(fd, 64)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode().strip()
+
+
+def _lookup_user(user: str | None) -> tuple[int, int, str]:
+    """Inside the container root: (uid, gid, home) for `-u` (numbers or passwd names)."""
+    entries = {}
+    try:
+        with open("/etc/passwd") as f:
+            for line in f:
+                fields = line.rstrip("\n").split(":")
+                if len(fields) >= 7 and fields[2].isdigit() and fields[3].isdigit():
+                    entries[fields[0]] = (int(fields[2]), int(fields[3]), fields[5])
+    except OSError:
+        pass
+    groups = {}
+    try:
+        with open("/etc/group") as f:
+            for line in f:
+                fields = line.split(":")
+                if len(fields) >= 3 and fields[2].isdigit():
+                    groups[fields[0]] = int(fields[2])
+    except OSError:
+        pass
+    name, _, group = (user or "0").partition(":")
+    if name.isdigit():
+        uid = int(name)
+        match = [e for e in entries.values() if e[0] == uid]
+        gid, home = (match[0][1], match[0][2]) if match else (0, "/")
+    elif name in entries:
+        uid, gid, home = entries[name]
+    else:
+        raise RunError(f"user {name!r} not found in the container's /etc/passwd")
+    if group:
+        if group.isdigit():
+            gid = int(group)
+        elif group in groups:
+            gid = groups[group]
+        else:
+            raise RunError(f"group {group!r} not found in the container's /etc/group")
+    return uid, gid, home or "/"
+
+
+class Runner:
+    """Runs one container and cleans up after it."""
+
+    def __init__(self, spec: RunSpec):
+        self.spec = spec
+        self.id = new_id()
+        self.rootless = os.geteuid() != 0
+        self.mapping: IdMapping | None = None
+        if self.rootless:
+            self.mapping = plan_mapping(os.getuid(), os.getgid())
+        self.workspace = ""
+        self.cgroup: Cgroup | None = None
+        self.init_pid = 0
+        self.pending: list[int] = []
+
+    # --- runner process -------------------------------------------------------------
+
+    def run(self) -> int:
+        spec = self.spec
+        if not spec.hostname:
+            spec.hostname = self.id
+        base = os.environ.get("XDG_RUNTIME_DIR") if self.rootless else None
+        if base and not os.access(base, os.W_OK):
+            base = None
+        self.workspace = tempfile.mkdtemp(prefix="pyunion-run-", dir=base)
+        os.chmod(self.workspace, 0o755)
+        try:
+            self.cgroup = Cgroup.create(f"pyunion-{self.id}", spec.limits)
+            return self._run_processes()
+        finally:
+            if self.cgroup:
+                self.cgroup.remove()
+            shutil.rmtree(self.workspace, ignore_errors=True)
+
+    def _paths(self) -> tuple[str, str, str]:
+        mnt = os.path.join(self.workspace, "root")
+        init = os.path.join(self.workspace, "init")
+        rw = self.spec.rw_dir or os.path.join(self.workspace, "rw")
+        return mnt, init, rw
+
+    def _run_processes(self) -> int:
+        spec = self.spec
+        mnt, init, rw = self._paths()
+        for d in (mnt, init):
+            os.mkdir(d, 0o755)
+        if spec.rw_dir is None:
+            os.mkdir(rw, 0o755)
+        write_init_layer(init, spec.hostname, spec.volumes)
+        to_keeper_r, to_keeper_w = os.pipe()
+        from_keeper_r, from_keeper_w = os.pipe()
+        pid_r, pid_w = os.pipe()
+        tty_parent = tty_child = None
+        if spec.tty:
+            tty_parent, tty_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for sig in RUNNER_FORWARDED:
+            signal.signal(sig, self._forward)
+        keeper = os.fork()
+        if keeper == 0:
+            code = EXIT_RUNNER
+            try:
+                os.close(to_keeper_w)
+                os.close(from_keeper_r)
+                os.close(pid_r)
+                if tty_parent:
+                    tty_parent.close()
+                code = self._keeper(to_keeper_r, from_keeper_w, pid_w, tty_child)
+            except RunError as e:
+                _say(str(e))
+            except BaseException as e:  # noqa: BLE001 - the child must never return
+                _say(f"runner failed: {e}")
+            finally:
+                os._exit(code)
+        os.close(to_keeper_r)
+        os.close(from_keeper_w)
+        os.close(pid_w)
+        if tty_child:
+            tty_child.close()
+        try:
+            if self.rootless:
+                if _read_line(from_keeper_r) == "unshared":
+                    try:
+                        write_maps(keeper, self.mapping)
+                        os.write(to_keeper_w, b"mapped\n")
+                    except OSError as e:
+                        _say(f"cannot map user ids: {e}")
+            os.close(to_keeper_w)
+            pid_text = _read_line(pid_r)
+            if pid_text.isdigit():
+                self.init_pid = int(pid_text)
+                for sig in self.pending:
+                    self._forward(sig, None)
+            if tty_parent:
+                relay(tty_parent)
+            _, status = os.waitpid(keeper, 0)
+        finally:
+            for sig in RUNNER_FORWARDED:
+                signal.signal(sig, signal.SIG_DFL)
+            os.close(from_keeper_r)
+            os.close(pid_r)
+            if tty_parent:
+                tty_parent.close()
+        if os.WIFSIGNALED(status):
+            return 128 + os.WTERMSIG(status)
+        return os.WEXITSTATUS(status)
+
+    def _forward(self, signum, _frame) -> None:
+        if not self.init_pid:
+            self.pending.append(signum)
+            return
+        try:
+            os.kill(self.init_pid, signum)
+        except ProcessLookupError:
+            pass
+
+    # --- keeper: owns the mount namespace with the union -------------------------------
+
+    def _keeper(self, to_keeper_r: int, from_keeper_w: int, pid_w: int, tty_sock) -> int:
+        for sig in RUNNER_FORWARDED:
+            signal.signal(sig, signal.SIG_DFL)
+        libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        os.setsid()  # no controlling terminal: keyboard signals reach only the runner
+        if self.rootless:
+            try:
+                libc.unshare(libc.CLONE_NEWUSER | libc.CLONE_NEWNS)
+            except OSError as e:
+                raise RunError(f"cannot create a user namespace: {e.strerror}") from None
+            os.write(from_keeper_w, b"unshared\n")
+            if _read_line(to_keeper_r) != "mapped":
+                return EXIT_RUNNER
+            os.setresgid(0, 0, 0)
+            os.setresuid(0, 0, 0)
+        else:
+            libc.unshare(libc.CLONE_NEWNS)
+        os.close(to_keeper_r)
+        os.close(from_keeper_w)
+        libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
+        mnt, init, rw = self._paths()
+        daemon = self._start_union(mnt, init, rw)
+        code = EXIT_RUNNER
+        try:
+            spawner = os.fork()
+            if spawner == 0:
+                code = EXIT_RUNNER
+                try:
+                    daemon_pid = daemon.pid
+                    del daemon
+                    code = self._spawner(mnt, pid_w, tty_sock, daemon_pid)
+                except RunError as e:
+                    _say(str(e))
+                except BaseException as e:  # noqa: BLE001
+                    _say(f"container setup failed: {e}")
+                finally:
+                    os._exit(code)
+            os.close(pid_w)
+            if tty_sock:
+                tty_sock.close()
+            _, status = os.waitpid(spawner, 0)
+            code = 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        finally:
+            self._stop_union(mnt, daemon)
+            if self.spec.rw_dir is None:
+                shutil.rmtree(rw, ignore_errors=True)
+            shutil.rmtree(init, ignore_errors=True)
+        return code
+
+    def _start_union(self, mnt: str, init: str, rw: str) -> subprocess.Popen:
+        branches = [BranchSpec(rw, RW), BranchSpec(init, RO_WH), *self.spec.layers]
+        before = os.stat(mnt).st_dev
+        cmd = [sys.executable, "-m", "unionfs", "mount", "-f", "-o", "allow_other"]
+        cmd += [format_branches(branches), mnt]
+        daemon = subprocess.Popen(cmd, cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while os.stat(mnt).st_dev == before:
+            if daemon.poll() is not None:
+                raise RunError(f"the union filesystem did not mount (exit status {daemon.returncode})")
+            if time.monotonic() > deadline:
+                daemon.kill()
+                daemon.wait()
+                raise RunError("the union filesystem did not come up in time")
+            time.sleep(0.02)
+        return daemon
+
+    def _stop_union(self, mnt: str, daemon: subprocess.Popen) -> None:
+        try:
+            libc.umount2(mnt, libc.MNT_DETACH)
+        except OSError as e:
+            _say(f"cannot unmount the union: {e}")
+            daemon.terminate()
+        try:
+            daemon.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+
+    # --- spawner: new namespaces, parent of the container's pid 1 ------------------------
+
+    def _spawner(self, mnt: str, pid_w: int, tty_sock, daemon_pid: int) -> int:
+        libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        spec = self.spec
+        found = hierarchies()
+        own_dirs = {}
+        if self.cgroup:
+            self.cgroup.join(os.getpid())
+            for h in found:
+                directory = os.path.join(h.directory, self.cgroup.name)
+                if directory in self.cgroup.directories:
+                    own_dirs[h.mountpoint] = directory
+        flags = libc.CLONE_NEWNS | libc.CLONE_NEWPID | libc.CLONE_NEWUTS | libc.CLONE_NEWIPC
+        if spec.net == "none":
+            flags |= libc.CLONE_NEWNET
+        try:
+            libc.unshare(flags | libc.CLONE_NEWCGROUP)
+        except OSError:
+            try:
+                libc.unshare(flags)
+            except OSError as e:
+                raise RunError(f"cannot create namespaces: {e.strerror}") from None
+        libc.sethostname(spec.hostname)
+        init = os.fork()
+        if init == 0:
+            code = EXIT_RUNNER
+            try:
+                os.close(pid_w)
+                code = self._init(mnt, tty_sock, found, own_dirs)
+            except RunError as e:
+                _say(str(e))
+            except OSError as e:
+                _say(f"container setup failed: {e}")
+            except BaseException as e:  # noqa: BLE001
+                _say(f"container setup failed: {e!r}")
+            finally:
+                os._exit(code)
+        os.write(pid_w, f"{init}\n".encode())
+        os.close(pid_w)
+        if tty_sock:
+            tty_sock.close()
+        _, status = os.waitpid(init, 0)
+        return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+    # --- init: pid 1 -------------------------------------------------------------------
+
+    def _init(self, mnt: str, tty_sock, found: list[Hierarchy], own_dirs: dict[str, str]) -> int:
+        libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        spec = self.spec
+        libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
+        rootfs.mount_proc(mnt)
+        rootfs.mount_dev(mnt)
+        rootfs.mount_sys(mnt)
+        rootfs.mount_cgroups(mnt, found, own_dirs)
+        rootfs.mount_volumes(mnt, spec.volumes)
+        caps = last_cap()
+        note = rootfs.enter_root(mnt, spec.use_chroot)
+        if note:
+            _say(note)
+        rootfs.harden_proc()
+        if spec.net == "none":
+            rootfs.loopback_up()
+        uid, gid, home = _lookup_user(spec.user)
+        env = {"PATH": DEFAULT_PATH, "HOSTNAME": spec.hostname, "HOME": home}
+        if spec.tty:
+            env["TERM"] = os.environ.get("TERM", "xterm")
+        env.update(spec.env)
+        tty_fd = None
+        if spec.tty:
+            master, tty_fd = os.openpty()
+            socket.send_fds(tty_sock, [b"t"], [master])
+            os.close(master)
+            tty_sock.close()
+            os.fchown(tty_fd, uid, gid)
+        message_fd = os.dup(2)
+        command = Command(spec.argv, env, uid, gid, spec.workdir, tty_fd, message_fd, caps)
+        return run_init(command)
+
+
+def default_home_user() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
