@@ -1,0 +1,181 @@
+"""Changes in a writable layer: the `docker diff` listing, and the entries a commit puts in a layer.
+
+A writable layer is read directly (no mount needed). Excluded everywhere: the union's work area
+`/.wh..wh.pyunion` and the runner's generated `/etc/hostname`, `/etc/hosts`, `/etc/resolv.conf`
+(a directory holding nothing but excluded entries is left out too).
+"""
+
+import copy
+import json
+import os
+import stat
+import time
+from dataclasses import dataclass
+
+from runner import layertar
+from runner.imageprogress import Progress
+from runner.layerview import OPAQUE, OPAQUE_XATTRS, WH, LayerView, is_whiteout_device
+from runner.store import Image, Store, canonical_json, remove_tree
+
+EXCLUDED = {
+    (b".wh..wh.pyunion",),
+    (b"etc", b"hostname"),
+    (b"etc", b"hosts"),
+    (b"etc", b"resolv.conf"),
+}
+
+
+@dataclass
+class UpperEntry:
+    """One entry found in a writable layer, already classified."""
+
+    parts: tuple[bytes, ...]
+    path: bytes  # on disk
+    st: os.stat_result | None
+    kind: str  # "file" (anything real), "whiteout" (parts names the hidden entry), "opaque" (dir marker)
+
+
+def _xattr_opaque(path: bytes) -> bool:
+    for attr in OPAQUE_XATTRS:
+        try:
+            if os.getxattr(path, attr, follow_symlinks=False) == b"y":
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def _only_excluded(parts: tuple[bytes, ...], path: bytes) -> bool:
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return False
+    return bool(names) and all(parts + (n,) in EXCLUDED for n in names)
+
+
+def scan_upper(upper: str):
+    """Yield UpperEntry items of a writable layer in sorted path order (parents first)."""
+
+    def visit(parts: tuple[bytes, ...], path: bytes):
+        if parts and _xattr_opaque(path):
+            yield UpperEntry(parts, path, None, "opaque")
+        for name in sorted(os.listdir(path)):
+            cparts = parts + (name,)
+            if cparts in EXCLUDED:
+                continue
+            full = os.path.join(path, name)
+            if name == OPAQUE:
+                if parts:
+                    yield UpperEntry(parts, full, None, "opaque")
+                continue
+            if name.startswith(WH + WH):
+                continue  # union/private metadata, never part of a layer
+            if name.startswith(WH):
+                yield UpperEntry(parts + (name[len(WH) :],), full, None, "whiteout")
+                continue
+            st = os.lstat(full)
+            if is_whiteout_device(st):
+                yield UpperEntry(cparts, full, st, "whiteout")
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if _only_excluded(cparts, full):
+                    continue
+                yield UpperEntry(cparts, full, st, "file")
+                yield from visit(cparts, full)
+            else:
+                yield UpperEntry(cparts, full, st, "file")
+
+    yield from visit((), os.fsencode(upper))
+
+
+def changes(upper: str, layer_dirs: list[str] | None) -> list[tuple[str, bytes]]:
+    """(kind, "/path") pairs, sorted by path: A added, C changed, D deleted.
+
+    With `layer_dirs` (the image, top first) an entry is C if the image has it, else A. Without
+    (a bare directory), an entry is A, except a directory known to have existed below - one that
+    is opaque or holds a whiteout somewhere beneath - which is C.
+    """
+    view = LayerView(layer_dirs) if layer_dirs is not None else None
+    result: dict[tuple[bytes, ...], str] = {}
+    upper_names: set[tuple[bytes, ...]] = set()
+    opaque_dirs: list[tuple[bytes, ...]] = []
+    evidence: set[tuple[bytes, ...]] = set()  # dirs that must have existed below (bare mode)
+    for e in scan_upper(upper):
+        if e.kind == "whiteout":
+            result[e.parts] = "D"
+            evidence.update(e.parts[:i] for i in range(1, len(e.parts)))
+        elif e.kind == "opaque":
+            opaque_dirs.append(e.parts)
+            evidence.update(e.parts[:i] for i in range(1, len(e.parts) + 1))
+        else:
+            upper_names.add(e.parts)
+            if view is None:
+                result[e.parts] = "A"
+            else:
+                result[e.parts] = "C" if view.lookup(e.parts) is not None else "A"
+    if view is None:
+        for parts in evidence:
+            if parts in result:
+                result[parts] = "C"
+    else:
+        for d in opaque_dirs:
+            if view.dirs(d) is None:
+                continue
+            for name in view.children(d):
+                if d + (name,) not in upper_names:
+                    result[d + (name,)] = "D"
+    return [(kind, b"/" + b"/".join(parts)) for parts, kind in sorted(result.items())]
+
+
+def layer_entries(upper: str) -> list[layertar.TreeEntry]:
+    """What a commit of `upper` puts in the layer tar: real entries plus OCI whiteout files."""
+    entries: dict[bytes, layertar.TreeEntry] = {}
+    for e in scan_upper(upper):
+        if e.kind == "file":
+            path = b"/".join(e.parts)
+            entries[path] = layertar.TreeEntry(path, os.fsdecode(e.path))
+        elif e.kind == "whiteout":
+            path = b"/".join(e.parts[:-1] + (WH + e.parts[-1],))
+            entries[path] = layertar.TreeEntry(path, None)
+        else:
+            path = b"/".join(e.parts + (OPAQUE,))
+            entries[path] = layertar.TreeEntry(path, None)
+    return list(entries.values())
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def commit_layer(store: Store, upper: str, image: Image, new_name: str | None, comment: str) -> str:
+    """Turn `upper` into a new layer on top of `image`; store and name the new image; its ID."""
+    entries = layer_entries(upper)
+    total = sum(os.lstat(e.source).st_size for e in entries if e.source)
+    with store.locked():
+        staged = store.staging_dir("l-")
+        tar_path = os.path.join(staged, "layer.tar")
+        with open(tar_path, "wb") as f, Progress(f"committing {new_name or ''}".strip(), total) as bar:
+            diff_id, size = layertar.write_layer_tar(entries, f, bar.update)
+        if store.has_layer(diff_id):
+            remove_tree(staged)
+        else:
+            tree = os.path.join(staged, "tree")
+            os.mkdir(tree, 0o755)
+            unapplied = layertar.extract_layer(tar_path, tree, lower_dirs=image.layer_dirs)
+            with open(os.path.join(staged, "layer.json"), "wb") as f:
+                f.write(canonical_json({"diff_id": diff_id, "size": size, "unapplied": unapplied}))
+            os.chmod(staged, 0o755)
+            store.add_layer(staged, diff_id)
+        doc = copy.deepcopy(image.document)
+        now = _now()
+        doc["created"] = now
+        rootfs = doc.setdefault("rootfs", {"type": "layers", "diff_ids": []})
+        rootfs.setdefault("type", "layers")
+        rootfs.setdefault("diff_ids", []).append(diff_id)
+        doc.setdefault("history", []).append({"created": now, "created_by": "pyunion commit", "comment": comment})
+        config = json.dumps(doc, separators=(",", ":")).encode()
+        try:
+            return store.add_image(config, [new_name] if new_name else [])
+        except BaseException:
+            store.collect_layers()
+            raise
