@@ -1,0 +1,143 @@
+"""Copy-up: building a copy of a lower entry in a writable branch's work area and publishing it.
+
+A job copies data (keeping holes), owner, mode, xattrs and times into a temporary name in
+the work area, then publishes it with one no-replace rename, so no reader and no crash ever
+sees a half-copied entry. The data copy may run in a worker thread; the rest is quick.
+"""
+
+import errno
+import itertools
+import logging
+import os
+import stat
+
+from unionfs import syscalls
+from unionfs.whiteout import is_internal_xattr
+
+log = logging.getLogger(__name__)
+_serial = itertools.count()
+_warned: set[str] = set()
+
+
+def temp_name() -> bytes:
+    return b"tmp.%d.%d" % (os.getpid(), next(_serial))
+
+
+def _warn_once(what: str, err: OSError) -> None:
+    if what not in _warned:
+        _warned.add(what)
+        log.warning("copy-up cannot keep %s (%s); continuing without it", what, err.strerror)
+
+
+def copy_xattrs(src: int | bytes, dst: int | bytes) -> None:
+    """Copy user-visible xattrs from SRC to DST (fds, or /proc paths used without following)."""
+    follow = isinstance(src, int)
+    try:
+        names = os.listxattr(src, follow_symlinks=follow)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EPERM):
+            return
+        raise
+    for name in names:
+        bname = os.fsencode(name)
+        if is_internal_xattr(bname):
+            continue
+        try:
+            value = os.getxattr(src, name, follow_symlinks=follow)
+            os.setxattr(dst, name, value, follow_symlinks=isinstance(dst, int))
+        except OSError as e:
+            if e.errno == errno.ENODATA:
+                continue
+            # trusted.* / security.* need privileges the daemon may not have (rootless)
+            if e.errno in (errno.EPERM, errno.ENOTSUP, errno.EACCES) and not name.startswith("user."):
+                _warn_once(f"xattr {name}", e)
+                continue
+            raise
+
+
+def set_owner(dirfd: int, name: bytes, uid: int, gid: int) -> None:
+    try:
+        os.chown(name, uid, gid, dir_fd=dirfd, follow_symlinks=False)
+    except OSError as e:
+        # rootless: ids outside our user namespace cannot be given away
+        if e.errno not in (errno.EPERM, errno.EINVAL):
+            raise
+        _warn_once("ownership", e)
+
+
+class CopyJob:
+    """One entry being copied from (SRC_DIRFD, NAME) into the work area of a writable branch."""
+
+    def __init__(self, src_dirfd: int, name: bytes, st: os.stat_result, work_fd: int):
+        self.src_dirfd = src_dirfd
+        self.name = name
+        self.st = st
+        self.work_fd = work_fd
+        self.tmp = temp_name()
+        self._src: int | None = None
+        self._dst: int | None = None
+        self._created = False
+
+    @property
+    def size(self) -> int:
+        return self.st.st_size if stat.S_ISREG(self.st.st_mode) else 0
+
+    def prepare(self) -> None:
+        """Create the temporary entry (for a file: open both ends)."""
+        mode = self.st.st_mode
+        fmt = stat.S_IFMT(mode)
+        if fmt == stat.S_IFREG:
+            self._src = os.open(self.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.src_dirfd)
+            self._dst = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                0o600, dir_fd=self.work_fd)
+        elif fmt == stat.S_IFDIR:
+            os.mkdir(self.tmp, 0o700, dir_fd=self.work_fd)
+        elif fmt == stat.S_IFLNK:
+            target = os.readlink(self.name, dir_fd=self.src_dirfd)
+            os.symlink(target, self.tmp, dir_fd=self.work_fd)
+        else:  # fifo, socket, device node
+            os.mknod(self.tmp, stat.S_IFMT(mode) | 0o600, self.st.st_rdev, dir_fd=self.work_fd)
+        self._created = True
+
+    def copy_data(self) -> None:
+        """The long part for big files; safe to run in a worker thread."""
+        if self._dst is not None:
+            syscalls.copy_data(self._src, self._dst, self.st.st_size)
+            os.fdatasync(self._dst)
+
+    def finish(self) -> None:
+        """Owner, mode, xattrs and times, in that order (chown clears set-id bits)."""
+        st = self.st
+        set_owner(self.work_fd, self.tmp, st.st_uid, st.st_gid)
+        if self._dst is not None:
+            copy_xattrs(self._src, self._dst)
+        else:
+            copy_xattrs(syscalls.proc_path(self.src_dirfd, self.name), syscalls.proc_path(self.work_fd, self.tmp))
+        if not stat.S_ISLNK(st.st_mode):
+            os.chmod(self.tmp, stat.S_IMODE(st.st_mode), dir_fd=self.work_fd)
+        os.utime(self.tmp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=self.work_fd, follow_symlinks=False)
+
+    def publish(self, dst_dirfd: int, name: bytes) -> None:
+        syscalls.renameat2(self.work_fd, self.tmp, dst_dirfd, name, syscalls.RENAME_NOREPLACE)
+        self._created = False
+        self.close()
+
+    def close(self) -> None:
+        for fd in (self._src, self._dst):
+            if fd is not None:
+                os.close(fd)
+        self._src = self._dst = None
+
+    def abort(self) -> None:
+        self.close()
+        if self._created:
+            self._created = False
+            try:
+                if stat.S_ISDIR(self.st.st_mode):
+                    from unionfs.layers import remove_tree_at
+
+                    remove_tree_at(self.work_fd, self.tmp)
+                else:
+                    os.unlink(self.tmp, dir_fd=self.work_fd)
+            except OSError as e:
+                log.warning("cannot remove copy-up leftover %r: %s", self.tmp, e)

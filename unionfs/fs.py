@@ -1,0 +1,399 @@
+"""The pyfuse3 adapter: thin request handlers over the Union engine, lookup counting, error choke point.
+
+Every handler goes through `_handler`: OSError becomes FUSEError(errno); any other exception
+is logged and answered with EIO, so the mount keeps serving.
+"""
+
+import errno
+import functools
+import logging
+import os
+import stat
+
+import pyfuse3
+import trio
+
+from unionfs.inodes import ROOT_INO, Node
+from unionfs.union import DirHandle, Union
+from unionfs.whiteout import CONTROL_XATTR
+
+log = logging.getLogger(__name__)
+
+# copy-ups of files at least this big run in a worker thread, so the mount keeps serving
+THREAD_COPY_BYTES = 1 << 20
+PID_XATTR = b"pyunion.pid"
+
+
+def _handler(fn):
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(self, *args):
+        if self.debug:
+            log.debug("%s%r", name, args[:-1] if args and isinstance(args[-1], pyfuse3.RequestContext) else args)
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            if self.debug:
+                log.debug("%s -> %s", name, e)
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except (trio.Cancelled, KeyboardInterrupt):
+            raise
+        except Exception:
+            log.exception("unexpected error in %s%r", name, args)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class UnionOperations(pyfuse3.Operations):
+    """FUSE requests for a Union."""
+
+    supports_dot_lookup = True
+
+    def __init__(self, union: Union, entry_timeout: float = 86400.0, attr_timeout: float = 86400.0,
+                 negative_timeout: float = 86400.0, writeback: bool = False, debug: bool = False):
+        super().__init__()
+        self.union = union
+        self.entry_timeout = entry_timeout
+        self.attr_timeout = attr_timeout
+        self.negative_timeout = negative_timeout
+        self.enable_writeback_cache = writeback
+        self.debug = debug
+        self._dir_handles: dict[int, DirHandle] = {}
+        self._next_dir_fh = 1
+        self._file_nodes: dict[int, Node] = {}
+        self._copy_locks: dict[int, trio.Lock] = {}
+        self._copy_limiter = trio.CapacityLimiter(2)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _node(self, ino: int) -> Node:
+        try:
+            return self.union.table.get(ino)
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ESTALE) from None
+
+    def _attrs(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = node.ino
+        e.generation = 0
+        e.entry_timeout = self.entry_timeout
+        e.attr_timeout = self.attr_timeout
+        e.st_mode = st.st_mode
+        e.st_nlink = self.union.attr_nlink(node, st)
+        e.st_uid = st.st_uid
+        e.st_gid = st.st_gid
+        e.st_rdev = st.st_rdev
+        e.st_size = st.st_size
+        e.st_blksize = st.st_blksize
+        e.st_blocks = st.st_blocks
+        e.st_atime_ns = st.st_atime_ns
+        e.st_mtime_ns = st.st_mtime_ns
+        e.st_ctime_ns = st.st_ctime_ns
+        return e
+
+    def _entry(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        """Attributes for a reply that hands the kernel a new reference to NODE."""
+        node.lookups += 1
+        return self._attrs(node, st)
+
+    async def _copy_up(self, node: Node) -> None:
+        """Copy NODE up before a change; big files are copied in a worker thread."""
+        union = self.union
+        if not union.needs_copy_up(node):
+            return
+        lock = self._copy_locks.setdefault(node.ino, trio.Lock())
+        try:
+            async with lock:
+                if not union.needs_copy_up(node):
+                    return
+                job = union.prepare_copy_up(node)
+                if job is None:
+                    return
+                try:
+                    if job.size >= THREAD_COPY_BYTES:
+                        await trio.to_thread.run_sync(job.copy_data, limiter=self._copy_limiter)
+                    else:
+                        job.copy_data()
+                except BaseException:
+                    job.abort()
+                    raise
+                union.finish_copy_up(node, job)
+        finally:
+            if lock.statistics().tasks_waiting == 0 and not lock.locked():
+                self._copy_locks.pop(node.ino, None)
+
+    # ------------------------------------------------------------------ lookups
+
+    @_handler
+    async def lookup(self, parent_inode, name, ctx=None):
+        parent = self._node(parent_inode)
+        try:
+            node, st = self.union.lookup(parent, name)
+        except FileNotFoundError:
+            if self.negative_timeout <= 0:
+                raise
+            e = pyfuse3.EntryAttributes()  # a negative entry the kernel may cache
+            e.st_ino = 0
+            e.entry_timeout = self.negative_timeout
+            return e
+        return self._entry(node, st)
+
+    async def forget(self, inode_list):
+        table = self.union.table
+        for ino, count in inode_list:
+            try:
+                node = table.by_ino.get(ino)
+                if node is not None:
+                    table.unref(node, count)
+            except Exception:
+                log.exception("forget(%d, %d) failed", ino, count)
+
+    @_handler
+    async def getattr(self, inode, ctx=None):
+        node = self._node(inode)
+        return self._attrs(node, self.union.stat(node))
+
+    @_handler
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        node = self._node(inode)
+        await self._copy_up(node)
+        st = self.union.setattr(
+            node,
+            fh if fh is not None and fh in self._file_nodes else None,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        return self._attrs(node, st)
+
+    @_handler
+    async def readlink(self, inode, ctx):
+        return self.union.readlink(self._node(inode))
+
+    # ------------------------------------------------------------------ namespace changes
+
+    @_handler
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        node, st = self.union.mknod(self._node(parent_inode), name, mode, rdev, ctx.uid, ctx.gid)
+        return self._entry(node, st)
+
+    @_handler
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        node, st = self.union.mkdir(self._node(parent_inode), name, mode, ctx.uid, ctx.gid)
+        return self._entry(node, st)
+
+    @_handler
+    async def symlink(self, parent_inode, name, target, ctx):
+        node, st = self.union.symlink(self._node(parent_inode), name, target, ctx.uid, ctx.gid)
+        return self._entry(node, st)
+
+    @_handler
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        node = self._node(inode)
+        await self._copy_up(node)
+        node, st = self.union.link(node, self._node(new_parent_inode), new_name)
+        return self._entry(node, st)
+
+    @_handler
+    async def unlink(self, parent_inode, name, ctx):
+        self.union.unlink(self._node(parent_inode), name)
+
+    @_handler
+    async def rmdir(self, parent_inode, name, ctx):
+        self.union.rmdir(self._node(parent_inode), name)
+
+    @_handler
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        old_parent = self._node(parent_inode_old)
+        try:  # copy a big file up outside the event loop first
+            node, _ = self.union.lookup(old_parent, name_old)
+            if not node.is_dir:
+                await self._copy_up(node)
+        except FileNotFoundError:
+            pass
+        self.union.rename(old_parent, name_old, self._node(parent_inode_new), name_new, flags)
+
+    # ------------------------------------------------------------------ files
+
+    @_handler
+    async def open(self, inode, flags, ctx):
+        node = self._node(inode)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+            self.union.require_writable()
+            await self._copy_up(node)
+        fd = self.union.open(node, flags)
+        node.opens += 1
+        self._file_nodes[fd] = node
+        return pyfuse3.FileInfo(fh=fd, keep_cache=True)
+
+    @_handler
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        fd, node, st = self.union.create(self._node(parent_inode), name, mode, flags, ctx.uid, ctx.gid)
+        node.opens += 1
+        self._file_nodes[fd] = node
+        return pyfuse3.FileInfo(fh=fd, keep_cache=True), self._entry(node, st)
+
+    @_handler
+    async def read(self, fh, off, size):
+        return os.pread(fh, size, off)
+
+    @_handler
+    async def write(self, fh, off, buf):
+        return os.pwrite(fh, buf, off)
+
+    @_handler
+    async def flush(self, fh):
+        pass
+
+    @_handler
+    async def fsync(self, fh, datasync):
+        (os.fdatasync if datasync else os.fsync)(fh)
+
+    @_handler
+    async def release(self, fh):
+        node = self._file_nodes.pop(fh, None)
+        os.close(fh)
+        if node is not None:
+            node.opens -= 1
+            self.union.table.drop_if_unused(node)
+
+    # ------------------------------------------------------------------ directories
+
+    @_handler
+    async def opendir(self, inode, ctx):
+        node = self._node(inode)
+        if not node.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        self.union.layers(node)
+        handle = DirHandle(node)
+        if node.handles is None:
+            node.handles = []
+        node.handles.append(handle)
+        node.opens += 1
+        fh = self._next_dir_fh
+        self._next_dir_fh += 1
+        self._dir_handles[fh] = handle
+        return fh
+
+    @_handler
+    async def readdir(self, fh, start_id, token):
+        handle = self._dir_handles[fh]
+        node = handle.node
+        union = self.union
+        if handle.entries is None or (start_id == 0 and handle.done):
+            handle.entries = union.listdir(node)
+            handle.removed.clear()
+            handle.done = False
+        entries = handle.entries
+        for i in range(start_id, len(entries) + 2):
+            if i < 2:  # "." and "..": the kernel takes no reference for these
+                dot = node if i == 0 else (node.parent or node)
+                if not pyfuse3.readdir_reply(token, b"." if i == 0 else b"..",
+                                             self._attrs(dot, union.stat(dot)), i + 1):
+                    return
+                continue
+            name, b, st = entries[i - 2]
+            if name in handle.removed:
+                continue
+            child, st = union.entry_attrs(node, name, b, st)
+            if not pyfuse3.readdir_reply(token, name, self._attrs(child, st), i + 1):
+                union.table.drop_if_unused(child)
+                return
+            child.lookups += 1
+        handle.done = True
+
+    @_handler
+    async def releasedir(self, fh):
+        handle = self._dir_handles.pop(fh)
+        node = handle.node
+        node.handles.remove(handle)
+        node.opens -= 1
+        self.union.table.drop_if_unused(node)
+
+    @_handler
+    async def fsyncdir(self, fh, datasync):
+        self.union.fsyncdir(self._dir_handles[fh].node)
+
+    # ------------------------------------------------------------------ the rest
+
+    @_handler
+    async def statfs(self, ctx):
+        sv = self.union.statfs()
+        out = pyfuse3.StatvfsData()
+        for attr in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree",
+                     "f_favail"):
+            setattr(out, attr, getattr(sv, attr))
+        out.f_namemax = self.union.namemax
+        return out
+
+    @_handler
+    async def getxattr(self, inode, name, ctx):
+        if name == PID_XATTR and inode == ROOT_INO:
+            return str(os.getpid()).encode()
+        return self.union.getxattr(self._node(inode), name)
+
+    @_handler
+    async def listxattr(self, inode, ctx):
+        return self.union.listxattr(self._node(inode))
+
+    @_handler
+    async def setxattr(self, inode, name, value, ctx):
+        if name == CONTROL_XATTR and inode == ROOT_INO:
+            self._refresh()
+            return
+        node = self._node(inode)
+        await self._copy_up(node)
+        self.union.setxattr(node, name, value)
+
+    @_handler
+    async def removexattr(self, inode, name, ctx):
+        node = self._node(inode)
+        await self._copy_up(node)
+        self.union.removexattr(node, name)
+
+    @_handler
+    async def access(self, inode, mode, ctx):
+        node = self._node(inode)
+        if mode & os.W_OK and self.union.readonly:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        st = self.union.stat(node)
+        if ctx.uid == 0:
+            if mode & os.X_OK and not stat.S_ISDIR(st.st_mode) and not st.st_mode & 0o111:
+                raise pyfuse3.FUSEError(errno.EACCES)
+            return True
+        if st.st_uid == ctx.uid:
+            bits = (st.st_mode >> 6) & 7
+        elif st.st_gid == ctx.gid or st.st_gid in pyfuse3.get_sup_groups(ctx.pid):
+            bits = (st.st_mode >> 3) & 7
+        else:
+            bits = st.st_mode & 7
+        if mode & ~bits & 7:
+            raise pyfuse3.FUSEError(errno.EACCES)
+        return True
+
+    def _refresh(self) -> None:
+        """Drop every cache after branches were edited directly (`pyunion refresh`)."""
+        nodes = self.union.refresh()
+        log.info("refresh: dropping cached state of %d inodes", len(nodes))
+        for node in nodes:
+            if node.ino != ROOT_INO and node.parent is not None:
+                pyfuse3.invalidate_entry_async(node.parent.ino, node.name, ignore_enoent=True)
+        inos = [n.ino for n in nodes]
+        trio.lowlevel.spawn_system_task(self._invalidate_inodes, inos)
+
+    async def _invalidate_inodes(self, inos: list[int]) -> None:
+        def run():
+            for ino in inos:
+                try:
+                    pyfuse3.invalidate_inode(ino, attr_only=False)
+                except OSError:
+                    pass
+
+        await trio.to_thread.run_sync(run)

@@ -1,0 +1,143 @@
+"""Branches at run time: their root fds, work areas, and a bounded cache of directory fds."""
+
+import errno
+import os
+import stat
+from collections import OrderedDict
+
+from unionfs import syscalls
+from unionfs.branches import BranchSpec
+from unionfs.whiteout import WORKDIR
+
+
+class Branch:
+    """One branch directory of a mounted union, held open by fd."""
+
+    def __init__(self, index: int, spec: BranchSpec):
+        self.index = index
+        self.path = os.fsencode(spec.path)
+        self.mode = spec.mode
+        self.writable = spec.writable
+        self.honours_whiteouts = spec.honours_whiteouts
+        self.fd = os.open(self.path, syscalls.O_PATH_DIR)
+        self.dev = os.fstat(self.fd).st_dev
+        self._work_fd: int | None = None
+        self._work_parent: tuple[int, bytes] | None = None  # (dirfd, name) of the work area
+
+    def use_workdir(self, path: str) -> None:
+        """Use an external work directory (overlay's workdir=); it must share our filesystem."""
+        parent_fd = os.open(path, syscalls.O_PATH_DIR)
+        if os.fstat(parent_fd).st_dev != self.dev:
+            os.close(parent_fd)
+            raise OSError(errno.EXDEV, "workdir is not on the same filesystem as upperdir", path)
+        self._work_parent = (parent_fd, b"pyunion")
+
+    def _work_location(self) -> tuple[int, bytes]:
+        return self._work_parent or (self.fd, WORKDIR)
+
+    def clean_work(self) -> None:
+        """Empty the work area: leftovers of an interrupted copy-up are never published."""
+        parent, name = self._work_location()
+        st = syscalls.lstat_at(parent, name)
+        if st is None:
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            os.unlink(name, dir_fd=parent)
+            return
+        fd = syscalls.open_beneath(parent, name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for entry in os.scandir(fd):
+                _remove_tree_at(fd, os.fsencode(entry.name))
+        finally:
+            os.close(fd)
+
+    @property
+    def work_fd(self) -> int:
+        """The work area's directory fd, created on first use (mode 0700)."""
+        if self._work_fd is None:
+            parent, name = self._work_location()
+            try:
+                os.mkdir(name, 0o700, dir_fd=parent)
+            except FileExistsError:
+                pass
+            self._work_fd = syscalls.open_beneath(parent, name)
+        return self._work_fd
+
+    def close(self, remove_work: bool = True) -> None:
+        if self._work_fd is not None:
+            os.close(self._work_fd)
+            self._work_fd = None
+            if remove_work:
+                parent, name = self._work_location()
+                try:
+                    os.rmdir(name, dir_fd=parent)
+                except OSError:
+                    pass
+        if self._work_parent is not None:
+            os.close(self._work_parent[0])
+            self._work_parent = None
+        os.close(self.fd)
+
+
+def _remove_tree_at(dirfd: int, name: bytes) -> None:
+    """Remove NAME in DIRFD recursively, never following symlinks."""
+    st = syscalls.lstat_at(dirfd, name)
+    if st is None:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dirfd)
+        return
+    fd = syscalls.open_beneath(dirfd, name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for entry in os.scandir(fd):
+            _remove_tree_at(fd, os.fsencode(entry.name))
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dirfd)
+
+
+remove_tree_at = _remove_tree_at
+
+
+class DirFdCache:
+    """O_PATH fds of branch directories, keyed by (branch index, path), least recently used out."""
+
+    def __init__(self, branches: list[Branch], size: int = 1024):
+        self._branches = branches
+        self._size = size
+        self._fds: OrderedDict[tuple[int, bytes], int] = OrderedDict()
+
+    def get(self, branch: int, path: bytes) -> int:
+        """The fd of directory PATH in BRANCH; raises OSError if it is not a directory there."""
+        if not path:
+            return self._branches[branch].fd
+        key = (branch, path)
+        fd = self._fds.get(key)
+        if fd is not None:
+            self._fds.move_to_end(key)
+            return fd
+        fd = syscalls.open_beneath(self._branches[branch].fd, path)
+        self._fds[key] = fd
+        if len(self._fds) > self._size:
+            _, old = self._fds.popitem(last=False)
+            os.close(old)
+        return fd
+
+    def lookup(self, branch: int, path: bytes) -> int | None:
+        """Like get, but None when PATH is missing or not a directory in BRANCH."""
+        try:
+            return self.get(branch, path)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EXDEV):
+                return None
+            raise
+
+    def forget(self, path: bytes) -> None:
+        """Drop PATH and everything below it (after a rename or removal)."""
+        prefix = path + b"/"
+        for key in [k for k in self._fds if k[1] == path or k[1].startswith(prefix)]:
+            os.close(self._fds.pop(key))
+
+    def clear(self) -> None:
+        while self._fds:
+            os.close(self._fds.popitem()[1])

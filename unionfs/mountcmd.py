@@ -1,0 +1,372 @@
+"""`pyunion mount|umount|refresh` and the mount-helper forms; the daemon's ordered lifecycle."""
+
+import errno
+import logging
+import logging.handlers
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from unionfs.branches import RO_WH, RW, BranchSpec, check_branches, parse_branches
+from unionfs.errors import UsageError
+from unionfs.whiteout import CONTROL_XATTR
+
+log = logging.getLogger("unionfs")
+
+# kernel mount flags libfuse passes through
+KERNEL_FLAGS = {"suid", "nosuid", "dev", "nodev", "exec", "noexec", "async", "sync", "atime",
+                "noatime", "dirsync"}
+# options of mount(8)/fstab that mean nothing to the filesystem itself
+GENERIC = {"defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group", "nofail",
+           "_netdev", "relatime", "norelatime", "strictatime", "lazytime", "nodiratime", "diratime",
+           "loud", "silent"}
+
+
+@dataclass
+class MountOptions:
+    readonly: bool = False
+    allow_other: bool = False
+    default_permissions: bool = True
+    entry_timeout: float = 86400.0
+    attr_timeout: float = 86400.0
+    negative_timeout: float = 86400.0
+    writeback: bool = False
+    logfile: str | None = None
+    fsname: str = "pyunion"
+    workdir: str | None = None
+    kernel_flags: list[str] = field(default_factory=list)
+    # overlay-style branch options
+    lowerdir: str | None = None
+    upperdir: str | None = None
+    unknown: list[str] = field(default_factory=list)
+
+
+def _seconds(key: str, value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        raise UsageError(f"option {key}: not a number of seconds: {value!r}") from None
+    if v < 0:
+        raise UsageError(f"option {key}: must not be negative")
+    return v
+
+
+def parse_options(items: list[str]) -> MountOptions:
+    """Parse `-o` option strings (each a comma-separated list)."""
+    o = MountOptions()
+    for item in items:
+        for opt in filter(None, item.split(",")):
+            key, sep, value = opt.partition("=")
+            if key in ("ro", "rw") and not sep:
+                o.readonly = key == "ro"
+            elif key == "allow_other" and not sep:
+                o.allow_other = True
+            elif key == "default_permissions" and not sep:
+                o.default_permissions = True
+            elif key == "nodefault_permissions" and not sep:
+                o.default_permissions = False
+            elif key == "timeout" and sep:
+                o.entry_timeout = o.attr_timeout = o.negative_timeout = _seconds(key, value)
+            elif key in ("entry_timeout", "attr_timeout", "negative_timeout") and sep:
+                setattr(o, key, _seconds(key, value))
+            elif key in ("writeback", "nowriteback") and not sep:
+                o.writeback = key == "writeback"
+            elif key in ("logfile", "fsname", "workdir", "lowerdir", "upperdir") and sep:
+                if not value:
+                    raise UsageError(f"option {key} needs a value")
+                setattr(o, key, value)
+            elif key in KERNEL_FLAGS and not sep:
+                o.kernel_flags.append(key)
+            elif key in GENERIC or key.startswith(("x-", "comment=")):
+                pass
+            else:
+                o.unknown.append(opt)
+    return o
+
+
+def _take_args(argv: list[str]) -> tuple[list[str], list[str], set[str]]:
+    """Split argv into (-o values, positionals, flags among -f/-d)."""
+    opts, pos, flags = [], [], set()
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "-o":
+            if i + 1 >= len(argv):
+                raise UsageError("-o needs an option list")
+            opts.append(argv[i + 1])
+            i += 2
+            continue
+        if a.startswith("-o") and len(a) > 2:
+            opts.append(a[2:])
+        elif a in ("-f", "-d", "-n", "-s", "-v"):  # -n -s -v come from mount(8) helpers
+            flags.add(a)
+        elif a == "--":
+            pos.extend(argv[i + 1:])
+            break
+        elif a.startswith("-") and len(a) > 1:
+            raise UsageError(f"unknown flag {a}")
+        else:
+            pos.append(a)
+        i += 1
+    return opts, pos, flags
+
+
+def main(command: str, argv: list[str]) -> int:
+    if command == "mount":
+        return mount_main(argv)
+    if command == "umount":
+        return umount_main(argv)
+    return refresh_main(argv)
+
+
+def mount_main(argv: list[str]) -> int:
+    opts, pos, flags = _take_args(argv)
+    if len(pos) != 2:
+        raise UsageError("usage: pyunion mount [-o OPT[,OPT...]] [-f] [-d] BRANCHES MOUNTPOINT")
+    o = parse_options(opts)
+    if o.unknown:
+        raise UsageError(f"unknown mount option {o.unknown[0]!r}")
+    if o.lowerdir or o.upperdir:
+        raise UsageError("lowerdir/upperdir are for the overlay form: pyunion -o lowerdir=... MOUNTPOINT")
+    return mount(parse_branches(pos[0]), pos[1], o, "-f" in flags, "-d" in flags)
+
+
+def helper_main(argv: list[str]) -> int:
+    """`pyunion [SOURCE] MOUNTPOINT -o ...`: how mount.fuse3 and containers-storage call us."""
+    opts, pos, flags = _take_args(argv)
+    if len(pos) not in (1, 2):
+        raise UsageError(f"unknown command {argv[0]!r} (see pyunion --help)")
+    source, mountpoint = (None, pos[0]) if len(pos) == 1 else pos
+    o = parse_options(opts)
+    if o.unknown:
+        print(f"pyunion: ignoring unknown option(s): {','.join(o.unknown)}", file=sys.stderr)
+    if o.lowerdir:
+        specs = overlay_branches(o.lowerdir, o.upperdir, o.workdir)
+        if o.upperdir is None:
+            o.readonly = True
+    elif o.upperdir:
+        raise UsageError("upperdir needs lowerdir")
+    elif source and source != "none":
+        specs = parse_branches(source)
+    else:
+        raise UsageError("no branches: give lowerdir=... (and upperdir=,workdir=) or BRANCHES as the source")
+    return mount(specs, mountpoint, o, "-f" in flags, "-d" in flags)
+
+
+def overlay_branches(lowerdir: str, upperdir: str | None, workdir: str | None) -> list[BranchSpec]:
+    """Branches for overlay's lowerdir=L1:L2,upperdir=U (L1 is the upper-most lower layer)."""
+    lowers = [p for p in lowerdir.split(":")]
+    if any(not p for p in lowers):
+        raise UsageError(f"empty layer in lowerdir={lowerdir}")
+    specs = [BranchSpec(p, RO_WH) for p in lowers]
+    if upperdir is not None:
+        if workdir is None:
+            raise UsageError("upperdir needs workdir")
+        specs.insert(0, BranchSpec(upperdir, RW))
+    return specs
+
+
+def _check_fuse_device() -> None:
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise UsageError(f"cannot use /dev/fuse: {e.strerror}") from None
+    os.close(fd)
+
+
+def _check_workdir(specs: list[BranchSpec], workdir: str | None) -> str | None:
+    if workdir is None:
+        return None
+    try:
+        wst = os.stat(workdir)
+    except OSError as e:
+        raise UsageError(f"workdir {workdir}: {e.strerror}") from None
+    if not os.path.isdir(workdir):
+        raise UsageError(f"workdir {workdir}: not a directory")
+    top = next((s for s in specs if s.writable), None)
+    if top is None:
+        return None
+    if os.stat(top.path).st_dev != wst.st_dev:
+        raise UsageError(f"workdir {workdir} is not on the same filesystem as {top.path}")
+    real = os.path.realpath(workdir)
+    for s in specs:
+        if real == s.path or real.startswith(s.path.rstrip("/") + "/"):
+            raise UsageError(f"workdir {workdir} is inside the branch {s.path}")
+    return real
+
+
+def mount(specs: list[BranchSpec], mountpoint: str, o: MountOptions, foreground: bool, debug: bool) -> int:
+    specs = check_branches(specs, mountpoint)
+    workdir = _check_workdir(specs, o.workdir)
+    _check_fuse_device()
+    if foreground:
+        return serve(specs, mountpoint, o, workdir, debug, ready=None)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(r)
+        os.setsid()
+        code = 1
+        try:
+            code = serve(specs, mountpoint, o, workdir, debug, ready=w)
+        except BaseException as e:  # before ready: tell the parent; after: already logged
+            _report(w, f"{e}")
+        finally:
+            os._exit(code)
+    os.close(w)
+    msg = b""
+    while chunk := os.read(r, 4096):
+        msg += chunk
+    os.close(r)
+    if msg == b"OK":
+        return 0
+    os.waitpid(pid, 0)
+    raise UsageError(msg.decode(errors="replace").strip() or "the daemon failed to start")
+
+
+def _report(fd: int, text: str) -> None:
+    try:
+        os.write(fd, text.encode())
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _setup_logging(o: MountOptions, debug: bool, foreground: bool) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    fmt = logging.Formatter("%(asctime)s pyunion[%(process)d] %(levelname)s %(name)s: %(message)s")
+    if o.logfile:
+        handler: logging.Handler = logging.FileHandler(o.logfile)
+    elif foreground:
+        handler = logging.StreamHandler(sys.stderr)
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler("/dev/log")
+        fmt = logging.Formatter("pyunion[%(process)d]: %(levelname)s %(name)s: %(message)s")
+    else:
+        handler = logging.NullHandler()
+    handler.setFormatter(fmt)
+    root.handlers[:] = [handler]
+
+
+def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: bool, ready: int | None) -> int:
+    """Mount and serve until unmounted or signalled; READY is a pipe fd told "OK" once live."""
+    import pyfuse3
+    import trio
+
+    from unionfs.fs import UnionOperations
+    from unionfs.union import Union
+
+    _setup_logging(o, debug, ready is None)
+    os.umask(0)  # modes come from the kernel with the caller's umask applied
+    union = Union(specs, workdir=workdir, readonly=o.readonly)
+    ops = UnionOperations(union, o.entry_timeout, o.attr_timeout, o.negative_timeout, o.writeback, debug)
+    fuse_options = {f"fsname={o.fsname}", "subtype=pyunion"} | set(o.kernel_flags)
+    if o.default_permissions:
+        fuse_options.add("default_permissions")
+    if o.allow_other:
+        fuse_options.add("allow_other")
+    if union.readonly:
+        fuse_options.add("ro")
+    try:
+        pyfuse3.init(ops, mountpoint, fuse_options)
+    except RuntimeError:
+        union.close()
+        raise UsageError(f"cannot mount on {mountpoint} (see the message above)") from None
+    log.info("mounted %s on %s", ":".join(f"{s.path}={s.mode}" for s in specs), mountpoint)
+    if ready is not None:
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        _report(ready, "OK")
+
+    async def run():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signal, pyfuse3)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+    clean = False
+    try:
+        trio.run(run)
+        clean = True
+    except BaseException:
+        log.exception("the FUSE main loop failed")
+        raise
+    finally:
+        pyfuse3.close(unmount=True)
+        union.table.forget_all()
+        union.close()
+        log.info("unmounted %s%s", mountpoint, "" if clean else " after an error")
+    return 0
+
+
+async def _stop_on_signal(pyfuse3) -> None:
+    import trio
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return
+
+
+def _mounted(mountpoint: str) -> bool:
+    real = os.fsencode(os.path.realpath(mountpoint))
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), line.split()[4])
+            if point == real:
+                return True
+    return False
+
+
+def umount_main(argv: list[str]) -> int:
+    if len(argv) != 1 or argv[0].startswith("-"):
+        raise UsageError("usage: pyunion umount MOUNTPOINT")
+    mountpoint = argv[0]
+    if not os.path.isdir(mountpoint) and not os.path.exists(mountpoint):
+        raise UsageError(f"{mountpoint}: no such directory")
+    if not _mounted(mountpoint):
+        raise UsageError(f"{mountpoint} is not mounted")
+    try:
+        pid = int(os.getxattr(mountpoint, "pyunion.pid"))
+    except (OSError, ValueError):
+        pid = None
+    tool = ["fusermount3", "-u"] if shutil.which("fusermount3") else ["umount"]
+    res = subprocess.run([*tool, mountpoint], capture_output=True, text=True)
+    if res.returncode != 0:
+        lines = res.stderr.strip().splitlines()
+        raise UsageError(lines[-1] if lines else f"{tool[0]} failed")
+    if pid is not None:  # wait for the daemon to finish its clean-up
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except OSError as e:
+                if e.errno == errno.ESRCH:
+                    break
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().split(") ", 1)[1].startswith("Z"):
+                        break
+            except OSError:
+                break
+            time.sleep(0.02)
+    return 0
+
+
+def refresh_main(argv: list[str]) -> int:
+    if len(argv) != 1 or argv[0].startswith("-"):
+        raise UsageError("usage: pyunion refresh MOUNTPOINT")
+    try:
+        os.setxattr(argv[0], CONTROL_XATTR, b"1")
+    except OSError as e:
+        raise UsageError(f"{argv[0]}: cannot refresh: {e.strerror}") from None
+    return 0

@@ -1,0 +1,154 @@
+"""Thin wrappers for the syscalls Python 3.11 lacks (openat2, renameat2) and safe *at helpers.
+
+Every path the daemon touches inside a branch goes through here: directories are opened
+relative to a branch's root fd with symlinks refused, and single names are then used
+relative to such directory fds, so a symlink inside a branch is never followed.
+"""
+
+import ctypes
+import errno
+import os
+import stat
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+SYS_OPENAT2 = 437  # the same number on every architecture
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_have_openat2 = True
+
+
+def _openat2(dirfd: int, path: bytes, flags: int, resolve: int) -> int:
+    how = _OpenHow(flags, 0, resolve)
+    fd = _libc.syscall(SYS_OPENAT2, dirfd, path, ctypes.byref(how), ctypes.sizeof(how))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return fd
+
+
+def open_beneath(rootfd: int, path: bytes, flags: int = O_PATH_DIR) -> int:
+    """Open PATH (relative, no `..`) below ROOTFD without following any symlink on the way."""
+    global _have_openat2
+    if _have_openat2:
+        try:
+            return _openat2(
+                rootfd,
+                path,
+                flags,
+                RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
+            )
+        except OSError as e:
+            if e.errno != errno.ENOSYS:
+                raise
+            _have_openat2 = False
+    # Old kernels: walk component by component with O_NOFOLLOW.
+    parts = [p for p in path.split(b"/") if p]
+    fd = os.dup(rootfd)
+    try:
+        for part in parts[:-1]:
+            nfd = os.open(part, O_PATH_DIR | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        last = parts[-1] if parts else b"."
+        result = os.open(last, flags | os.O_NOFOLLOW, dir_fd=fd)
+    finally:
+        os.close(fd)
+    return result
+
+
+def renameat2(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes, flags: int = 0) -> None:
+    if _libc.renameat2(olddirfd, oldname, newdirfd, newname, ctypes.c_uint(flags)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), newname)
+
+
+def lstat_at(dirfd: int, name: bytes) -> os.stat_result | None:
+    """lstat NAME in DIRFD; None when it does not exist."""
+    try:
+        return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def exists_at(dirfd: int, name: bytes) -> bool:
+    return lstat_at(dirfd, name) is not None
+
+
+def proc_path(dirfd: int, name: bytes | None = None) -> bytes:
+    """A path naming NAME in DIRFD through /proc, for calls that take no dirfd (xattrs).
+
+    The magic link for DIRFD is followed (it is our own safe fd); NAME is used with
+    follow_symlinks=False by the callers, so no symlink in a branch is followed.
+    """
+    base = b"/proc/self/fd/%d" % dirfd
+    return base if name is None else base + b"/" + name
+
+
+def is_overlay_whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def copy_data(src: int, dst: int, size: int) -> None:
+    """Copy SIZE bytes from fd SRC to fd DST at the same offsets, keeping holes."""
+    off = 0
+    while off < size:
+        try:
+            data = os.lseek(src, off, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole is left
+                break
+            if e.errno != errno.EINVAL:
+                raise
+            data = off  # filesystem without SEEK_DATA: copy everything
+        try:
+            hole = os.lseek(src, data, os.SEEK_HOLE)
+        except OSError:
+            hole = size
+        _copy_range(src, dst, data, min(hole, size) - data)
+        off = hole
+    os.ftruncate(dst, size)
+
+
+_have_copy_file_range = hasattr(os, "copy_file_range")
+
+
+def _copy_range(src: int, dst: int, off: int, count: int) -> None:
+    global _have_copy_file_range
+    while count > 0:
+        if _have_copy_file_range:
+            try:
+                n = os.copy_file_range(src, dst, min(count, 1 << 30), off, off)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                _have_copy_file_range = e.errno == errno.EXDEV
+                n = _copy_chunk(src, dst, off, count)
+        else:
+            n = _copy_chunk(src, dst, off, count)
+        if n == 0:  # source shrank under us
+            return
+        off += n
+        count -= n
+
+
+def _copy_chunk(src: int, dst: int, off: int, count: int) -> int:
+    buf = os.pread(src, min(count, 1 << 20), off)
+    if buf:
+        os.pwrite(dst, buf, off)
+    return len(buf)

@@ -1,0 +1,916 @@
+"""The union's semantics engine, free of FUSE: merged lookup, listing, copy-up, whiteouts, rename.
+
+Operations take and return Nodes and raise OSError(errno) where a check fails. Every branch
+access goes through directory fds (see syscalls and layers), so symlinks inside branches are
+never followed. Writes go to the top writable branch (or in place on a writable branch);
+read-only branches are never modified.
+"""
+
+import errno
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+
+from unionfs import syscalls
+from unionfs.branches import BranchSpec
+from unionfs.copyup import CopyJob, temp_name
+from unionfs.inodes import ROOT_INO, InodeTable, Key, Node, join
+from unionfs.layers import Branch, DirFdCache, remove_tree_at
+from unionfs.whiteout import (
+    CONTROL_XATTR,
+    OPAQUE,
+    OPAQUE_XATTRS,
+    is_internal_xattr,
+    is_reserved,
+    whited_out,
+    whiteout_name,
+)
+
+log = logging.getLogger(__name__)
+
+WHITEOUT_LEN = len(whiteout_name(b""))
+_OPAQUE_XATTR_STRS = tuple(os.fsdecode(x) for x in OPAQUE_XATTRS)
+
+
+def _err(code: int, what: bytes | str | None = None) -> OSError:
+    return OSError(code, os.strerror(code), what)
+
+
+@dataclass
+class Probe:
+    """What the branches hold under one name of a directory, top-down until hidden."""
+
+    entries: list[tuple[int, os.stat_result]] = field(default_factory=list)
+    layers: list[int] = field(default_factory=list)  # for a directory winner: branches merged
+    stop: int = 0  # lowest branch whose entries of this name (or directory content) are visible
+
+    @property
+    def winner(self) -> tuple[int, os.stat_result] | None:
+        return self.entries[0] if self.entries else None
+
+    def below(self, branch: int) -> bool:
+        """Whether a branch lower than BRANCH holds a visible entry of this name."""
+        return any(b > branch for b, _ in self.entries)
+
+
+class DirHandle:
+    """An open directory: a snapshot of the merged listing, taken at the first read."""
+
+    __slots__ = ("node", "entries", "removed", "done")
+
+    def __init__(self, node: Node):
+        self.node = node
+        self.entries: list[tuple[bytes, int, os.stat_result]] | None = None
+        self.removed: set[bytes] = set()
+        self.done = False
+
+
+class Union:
+    """A union of branch directories, top first."""
+
+    def __init__(self, specs: list[BranchSpec], workdir: str | None = None, readonly: bool = False):
+        self.branches: list[Branch] = []
+        try:
+            for i, spec in enumerate(specs):
+                self.branches.append(Branch(i, spec))
+            writable = [b.index for b in self.branches if b.writable]
+            self.top_rw: int | None = None if readonly or not writable else writable[0]
+            self.readonly = self.top_rw is None
+            if workdir is not None and self.top_rw is not None:
+                self.branches[self.top_rw].use_workdir(workdir)
+            if not self.readonly:
+                for b in self.branches:
+                    if b.writable:
+                        b.clean_work()
+        except BaseException:
+            self.close()
+            raise
+        self.dirs = DirFdCache(self.branches)
+        self.origin: dict[Key, Key] = {}  # copied-up entry (dev, ino) -> key of its origin
+        top = os.fstat(self.branches[0].fd)
+        root = Node(ROOT_INO, (top.st_dev, top.st_ino), b"", 0, True)
+        self.table = InodeTable(root)
+        self._root_layers(root)
+        base = os.statvfs(self.branches[self.top_rw if self.top_rw is not None else 0].fd)
+        self.namemax = max(1, base.f_namemax - WHITEOUT_LEN)
+
+    def close(self) -> None:
+        if hasattr(self, "dirs"):
+            self.dirs.clear()
+        for b in self.branches:
+            b.close()
+        self.branches = []
+
+    # ----------------------------------------------------------------- resolution
+
+    def _opaque(self, branch: int, path: bytes) -> bool:
+        """Whether directory PATH in BRANCH hides the content of the branches below."""
+        fd = self.dirs.lookup(branch, path)
+        if fd is None:
+            return False
+        if syscalls.exists_at(fd, OPAQUE):
+            return True
+        try:
+            names = os.listxattr(syscalls.proc_path(fd))
+        except OSError:
+            return False
+        for x in _OPAQUE_XATTR_STRS:
+            if x in names:
+                try:
+                    if os.getxattr(syscalls.proc_path(fd), x) == b"y":
+                        return True
+                except OSError:
+                    pass
+        return False
+
+    def _root_layers(self, root: Node) -> None:
+        layers = []
+        for b in self.branches:
+            layers.append(b.index)
+            if b.honours_whiteouts and self._opaque(b.index, b""):
+                break
+        root.layers = tuple(layers)
+        root.stop = layers[-1]
+
+    def layers(self, node: Node) -> tuple[int, ...]:
+        """The branches a directory node merges, top first."""
+        if node.layers is None:
+            if node.ino == ROOT_INO:
+                self._root_layers(node)
+            else:
+                p = self.probe(node.parent, node.name)
+                if not p.entries or not stat.S_ISDIR(p.entries[0][1].st_mode):
+                    raise _err(errno.ENOENT, node.path)
+                node.layers, node.stop, node.branch = tuple(p.layers), p.stop, p.layers[0]
+        return node.layers
+
+    def probe(self, parent: Node, name: bytes, full: bool = False) -> Probe:
+        """Look NAME up in the branches of directory PARENT, top-down.
+
+        Stops at a whiteout, or (unless FULL) once the winner's merging is over; FULL collects
+        every visible entry below too (needed to know whether a removal needs a whiteout).
+        """
+        result = Probe(stop=parent.stop)
+        merging = True
+        path = join(parent.path, name)
+        for b in self.layers(parent):
+            br = self.branches[b]
+            dfd = self.dirs.lookup(b, parent.path)
+            if dfd is None:
+                continue
+            st = syscalls.lstat_at(dfd, name)
+            if st is not None:
+                if br.honours_whiteouts and syscalls.is_overlay_whiteout(st):
+                    if merging:
+                        result.stop = b
+                    break
+                result.entries.append((b, st))
+                if merging:
+                    if stat.S_ISDIR(st.st_mode):
+                        result.layers.append(b)
+                        if br.honours_whiteouts and self._opaque(b, path):
+                            merging = False
+                            result.stop = b
+                    else:
+                        merging = False
+                        result.stop = b if len(result.entries) == 1 else b - 1
+                if not merging and not full:
+                    break
+            if br.honours_whiteouts and syscalls.exists_at(dfd, whiteout_name(name)):
+                if merging:
+                    result.stop = b
+                break
+        return result
+
+    def check_name(self, name: bytes) -> None:
+        if is_reserved(name):
+            raise _err(errno.EPERM if name != b".wh." else errno.EINVAL, name)
+        if len(name) > self.namemax:
+            raise _err(errno.ENAMETOOLONG, name)
+
+    def _key(self, st: os.stat_result) -> Key:
+        k = (st.st_dev, st.st_ino)
+        return self.origin.get(k, k)
+
+    def _node_from(self, parent: Node, name: bytes, p: Probe) -> tuple[Node, os.stat_result]:
+        """The node for a probed name (created if new), with its attributes."""
+        b, st = p.entries[0]
+        key = self._key(st)
+        path = join(parent.path, name)
+        is_dir = stat.S_ISDIR(st.st_mode)
+        node = self.table.by_key.get(key)
+        if node is not None and node.is_dir != is_dir:
+            self.table.rekey(node, (-1, node.ino))
+            node = None
+        if node is None:
+            node = Node(self.table.ino_for(key), key, path, b, is_dir)
+            node.parent = parent
+            self.table.add(node)
+        elif is_dir:
+            node.path, node.parent, node.branch = path, parent, b
+        if is_dir:
+            node.layers, node.stop = tuple(p.layers), p.stop
+            return node, st
+        if path != node.path:
+            if node.branch == b and not self._alive(node):
+                node.path, node.parent = path, parent  # the old name is gone
+            else:
+                if node.aliases is None:
+                    node.aliases = {}
+                node.aliases[path] = parent
+        if node.branch != b:  # data already copied up through another name
+            st = self.stat(node)
+        return node, st
+
+    def _alive(self, node: Node) -> bool:
+        try:
+            self.stat(node)
+            return True
+        except OSError:
+            return False
+
+    def lookup(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
+        if name in (b".", b".."):
+            if name == b"." or parent.parent is None:
+                node = parent if name == b"." else self.table.root
+                return node, self.stat(node)
+            return parent.parent, self.stat(parent.parent)
+        if is_reserved(name):
+            raise _err(errno.ENOENT, name)
+        if len(name) > self.namemax:
+            raise _err(errno.ENAMETOOLONG, name)
+        p = self.probe(parent, name)
+        if not p.entries:
+            raise _err(errno.ENOENT, name)
+        return self._node_from(parent, name, p)
+
+    def _location(self, node: Node) -> tuple[int, bytes]:
+        """(directory fd in the node's branch, name) of the node's data."""
+        parent = node.parent
+        return self.dirs.get(node.branch, parent.path), node.name
+
+    def stat(self, node: Node) -> os.stat_result:
+        if node.ino == ROOT_INO:
+            return os.fstat(self.branches[self.layers(node)[0]].fd)
+        try:
+            dfd, name = self._location(node)
+            st = syscalls.lstat_at(dfd, name)
+        except OSError:
+            st = None
+        if st is None:
+            st = self._stat_alias(node)
+        return st
+
+    def _stat_alias(self, node: Node) -> os.stat_result:
+        """The primary name of a hard-linked file is gone: continue under another one."""
+        for path, parent in list((node.aliases or {}).items()):
+            node.aliases.pop(path)
+            d = self.dirs.lookup(node.branch, parent.path)
+            name = path.rpartition(b"/")[2]
+            st = syscalls.lstat_at(d, name) if d is not None else None
+            if st is not None:
+                node.path, node.parent = path, parent
+                return st
+        raise _err(errno.ENOENT, node.path)
+
+    # ----------------------------------------------------------------- listing
+
+    def listdir(self, node: Node) -> list[tuple[bytes, int, os.stat_result]]:
+        """The merged listing of a directory: (name, branch, lstat) of each visible entry."""
+        seen: dict[bytes, tuple[int, os.stat_result]] = {}
+        hidden: set[bytes] = set()
+        order: list[bytes] = []
+        for b in self.layers(node):
+            br = self.branches[b]
+            pfd = self.dirs.lookup(b, node.path)
+            if pfd is None:
+                continue
+            fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
+            new_hidden = []
+            try:
+                with os.scandir(fd) as it:
+                    for e in it:
+                        name = os.fsencode(e.name)
+                        if is_reserved(name):
+                            if br.honours_whiteouts:
+                                h = whited_out(name)
+                                if h is not None:
+                                    new_hidden.append(h)
+                            continue
+                        if name in seen or name in hidden:
+                            continue
+                        try:
+                            st = e.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue
+                        if br.honours_whiteouts and syscalls.is_overlay_whiteout(st):
+                            new_hidden.append(name)
+                            continue
+                        seen[name] = (b, st)
+                        order.append(name)
+            finally:
+                os.close(fd)
+            hidden.update(new_hidden)
+        return [(name, *seen[name]) for name in order]
+
+    def entry_attrs(self, parent: Node, name: bytes, b: int, st: os.stat_result) -> tuple[Node, os.stat_result]:
+        """Node and attributes for a listed entry (as a lookup would give, without probing)."""
+        key = self._key(st)
+        node = self.table.by_key.get(key)
+        if node is not None and node.is_dir == stat.S_ISDIR(st.st_mode):
+            if node.is_dir:
+                return node, st
+            return self._node_from(parent, name, Probe(entries=[(b, st)]))
+        if stat.S_ISDIR(st.st_mode):
+            node = Node(self.table.ino_for(key), key, join(parent.path, name), b, True)
+            node.parent = parent  # layers are worked out when first needed
+            self.table.add(node)
+            return node, st
+        return self._node_from(parent, name, Probe(entries=[(b, st)]))
+
+    def attr_nlink(self, node: Node, st: os.stat_result) -> int:
+        if node.is_dir and node.layers is not None and len(node.layers) > 1:
+            return 1  # a merged directory's link count is unknown, as on overlayfs
+        return st.st_nlink
+
+    # ----------------------------------------------------------------- writing helpers
+
+    def require_writable(self) -> int:
+        if self.top_rw is None:
+            raise _err(errno.EROFS)
+        return self.top_rw
+
+    def _target(self, parent: Node) -> int:
+        """The branch where a new entry of directory PARENT goes."""
+        t = self.require_writable()
+        self.layers(parent)
+        if t > parent.stop:
+            raise _err(errno.EROFS, parent.path)  # it would be hidden by a branch above
+        return t
+
+    def ensure_dir(self, t: int, node: Node) -> int:
+        """Make directory NODE exist in branch T (copying up its ancestors); its fd there."""
+        fd = self.dirs.lookup(t, node.path)
+        if fd is not None:
+            return fd
+        layers = self.layers(node)
+        if t > node.stop:
+            raise _err(errno.EROFS, node.path)
+        pfd = self.ensure_dir(t, node.parent)
+        src_fd = self.dirs.get(layers[0], node.parent.path)
+        st = syscalls.lstat_at(src_fd, node.name)
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            raise _err(errno.ENOENT, node.path)
+        job = CopyJob(src_fd, node.name, st, self.branches[t].work_fd)
+        try:
+            job.prepare()
+            job.finish()
+            job.publish(pfd, node.name)
+        except BaseException:
+            job.abort()
+            raise
+        fd = self.dirs.get(t, node.path)
+        new = os.fstat(fd)
+        self.origin[(new.st_dev, new.st_ino)] = node.key
+        node.layers = tuple(sorted({*layers, t}))
+        node.branch = node.layers[0]
+        return fd
+
+    def _whiteout(self, dfd: int, name: bytes) -> None:
+        try:
+            os.close(os.open(whiteout_name(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                             0o600, dir_fd=dfd))
+        except FileExistsError:
+            pass
+
+    def _clear_whiteout(self, dfd: int, name: bytes) -> bool:
+        """Remove a whiteout of NAME in directory DFD of a writable branch; whether one was there."""
+        found = False
+        try:
+            os.unlink(whiteout_name(name), dir_fd=dfd)
+            found = True
+        except FileNotFoundError:
+            pass
+        st = syscalls.lstat_at(dfd, name)
+        if st is not None and syscalls.is_overlay_whiteout(st):
+            os.unlink(name, dir_fd=dfd)
+            found = True
+        return found
+
+    def _has_whiteout(self, dfd: int, name: bytes) -> bool:
+        if syscalls.exists_at(dfd, whiteout_name(name)):
+            return True
+        st = syscalls.lstat_at(dfd, name)
+        return st is not None and syscalls.is_overlay_whiteout(st)
+
+    def _owner(self, parent_fd: int, uid: int, gid: int) -> tuple[int, int, bool]:
+        """Owner of a new entry: the caller, with the group of a setgid directory."""
+        pst = os.fstat(parent_fd)
+        if pst.st_mode & stat.S_ISGID:
+            return uid, pst.st_gid, True
+        return uid, gid, False
+
+    # ----------------------------------------------------------------- copy-up
+
+    def needs_copy_up(self, node: Node) -> bool:
+        return node.ino != ROOT_INO and not self.branches[node.branch].writable
+
+    def prepare_copy_up(self, node: Node) -> CopyJob | None:
+        """Start copying NODE up to the top writable branch; None if nothing is to copy."""
+        if not self.needs_copy_up(node):
+            return None
+        t = self.require_writable()
+        if t > node.branch:
+            raise _err(errno.EROFS, node.path)
+        if node.is_dir:
+            self.ensure_dir(t, node)
+            return None
+        pfd = self.ensure_dir(t, node.parent)
+        src = self.dirs.get(node.branch, node.parent.path)
+        st = syscalls.lstat_at(src, node.name)
+        if st is None:
+            raise _err(errno.ENOENT, node.path)
+        if syscalls.exists_at(pfd, node.name):
+            raise _err(errno.EEXIST, node.path)
+        job = CopyJob(src, node.name, st, self.branches[t].work_fd)
+        try:
+            job.prepare()
+        except BaseException:
+            job.abort()
+            raise
+        return job
+
+    def finish_copy_up(self, node: Node, job: CopyJob) -> None:
+        """Publish a prepared copy: metadata, then one rename into the writable branch."""
+        try:
+            t = self.require_writable()
+            src = self.dirs.get(node.branch, node.parent.path)
+            st = syscalls.lstat_at(src, node.name)
+            if st is None or (st.st_dev, st.st_ino) != (job.st.st_dev, job.st.st_ino):
+                raise _err(errno.ESTALE, node.path)  # the source went away meanwhile
+            pfd = self.ensure_dir(t, node.parent)
+            job.finish()
+            job.publish(pfd, node.name)
+        except BaseException:
+            job.abort()
+            raise
+        new = syscalls.lstat_at(pfd, node.name)
+        self.origin[(new.st_dev, new.st_ino)] = node.key
+        node.branch = t
+        node.aliases = None  # names still in lower branches are linked when they are copied
+
+    def copy_up(self, node: Node) -> None:
+        job = self.prepare_copy_up(node)
+        if job is not None:
+            job.copy_data()
+            self.finish_copy_up(node, job)
+
+    def _copy_up_name(self, parent: Node, name: bytes, p: Probe, t: int) -> Node:
+        """Make the winner of a probed name exist in branch T; its node."""
+        node, _ = self._node_from(parent, name, p)
+        b = p.entries[0][0]
+        if b == t:
+            return node
+        if node.is_dir:
+            self.ensure_dir(t, node)
+            return node
+        if node.branch == t:
+            # another name of this file was copied up already: link to it (a pseudo-link)
+            pfd = self.ensure_dir(t, parent)
+            sfd, sname = self._location(node)
+            os.link(sname, name, src_dir_fd=sfd, dst_dir_fd=pfd, follow_symlinks=False)
+            if node.aliases is not None:
+                node.aliases.pop(join(parent.path, name), None)
+            return node
+        if node.path != join(parent.path, name) or node.parent is not parent:
+            node.path, node.parent = join(parent.path, name), parent
+        node.branch = b
+        self.copy_up(node)
+        return node
+
+    def _copy_up_tree(self, node: Node, t: int, top: bool = True) -> None:
+        """Copy a whole merged directory into branch T, so it can move as one directory."""
+        self.ensure_dir(t, node)
+        for name, b, st in self.listdir(node):
+            if b == t and not stat.S_ISDIR(st.st_mode):
+                continue
+            p = self.probe(node, name)
+            if not p.entries:
+                continue
+            child = self._copy_up_name(node, name, p, t)
+            if child.is_dir:
+                self._copy_up_tree(child, t, top=False)
+            self.table.drop_if_unused(child)
+        if top:
+            self._make_opaque(self.dirs.get(t, node.path))
+        node.layers, node.stop, node.branch = (t,), t, t
+
+    def _make_opaque(self, dfd: int) -> None:
+        try:
+            os.close(os.open(OPAQUE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dfd))
+        except FileExistsError:
+            pass
+
+    # ----------------------------------------------------------------- creating
+
+    def _prepare_new(self, parent: Node, name: bytes) -> tuple[int, int, bool]:
+        """Checks for a new entry: (branch, its directory fd there, whether a whiteout stood there)."""
+        self.check_name(name)
+        t = self._target(parent)
+        p = self.probe(parent, name)
+        if p.entries:
+            raise _err(errno.EEXIST, name)
+        if p.stop < t:
+            raise _err(errno.EROFS, name)
+        pfd = self.ensure_dir(t, parent)
+        return t, pfd, self._has_whiteout(pfd, name)
+
+    def _new_node(self, parent: Node, name: bytes, pfd: int) -> tuple[Node, os.stat_result]:
+        st = syscalls.lstat_at(pfd, name)
+        key = (st.st_dev, st.st_ino)
+        old = self.table.by_key.get(key)
+        if old is not None:  # a stale node whose inode number the filesystem reused
+            self.table.rekey(old, (-1, old.ino))
+        node = Node(self.table.ino_for(key), key, join(parent.path, name), self.top_rw, stat.S_ISDIR(st.st_mode))
+        node.parent = parent
+        if node.is_dir:
+            node.layers, node.stop = (self.top_rw,), self.top_rw
+        self.table.add(node)
+        for h in parent.handles or ():
+            h.removed.discard(name)
+        return node, st
+
+    def create(self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int):
+        """Create and open a regular file; returns (fd, node, attrs)."""
+        _, pfd, wh = self._prepare_new(parent, name)
+        uid, gid, _ = self._owner(pfd, uid, gid)
+        fd = os.open(name, _open_flags(flags) | os.O_CREAT | os.O_EXCL, stat.S_IMODE(mode), dir_fd=pfd)
+        try:
+            os.fchown(fd, uid, gid)
+            if wh:
+                self._clear_whiteout(pfd, name)
+            node, st = self._new_node(parent, name, pfd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(name, dir_fd=pfd)
+            raise
+        return fd, node, st
+
+    def _make(self, parent: Node, name: bytes, uid: int, gid: int, build) -> tuple[Node, os.stat_result]:
+        """Create a non-directory with BUILD(dirfd, name) and give it to the caller."""
+        _, pfd, wh = self._prepare_new(parent, name)
+        uid, gid, _ = self._owner(pfd, uid, gid)
+        build(pfd, name)
+        try:
+            os.chown(name, uid, gid, dir_fd=pfd, follow_symlinks=False)
+            if wh:
+                self._clear_whiteout(pfd, name)
+        except BaseException:
+            os.unlink(name, dir_fd=pfd)
+            raise
+        return self._new_node(parent, name, pfd)
+
+    def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, uid: int, gid: int):
+        if stat.S_ISCHR(mode) and rdev == 0:
+            raise _err(errno.EPERM, name)  # that is how overlayfs spells a whiteout
+        return self._make(parent, name, uid, gid, lambda fd, n: os.mknod(n, mode, rdev, dir_fd=fd))
+
+    def symlink(self, parent: Node, name: bytes, target: bytes, uid: int, gid: int):
+        return self._make(parent, name, uid, gid, lambda fd, n: os.symlink(target, n, dir_fd=fd))
+
+    def mkdir(self, parent: Node, name: bytes, mode: int, uid: int, gid: int):
+        t, pfd, wh = self._prepare_new(parent, name)
+        uid, gid, setgid = self._owner(pfd, uid, gid)
+        mode = stat.S_IMODE(mode) | (stat.S_ISGID if setgid else 0)
+        if not wh:
+            os.mkdir(name, 0o700, dir_fd=pfd)
+            try:
+                os.chown(name, uid, gid, dir_fd=pfd, follow_symlinks=False)
+                os.chmod(name, mode, dir_fd=pfd)
+            except BaseException:
+                os.rmdir(name, dir_fd=pfd)
+                raise
+        else:
+            # where a whiteout stood: build an opaque directory aside, publish it, then drop
+            # the whiteout, so old lower content can never show through
+            work = self.branches[t].work_fd
+            tmp = temp_name()
+            os.mkdir(tmp, 0o700, dir_fd=work)
+            try:
+                dfd = syscalls.open_beneath(work, tmp)
+                try:
+                    self._make_opaque(dfd)
+                finally:
+                    os.close(dfd)
+                os.chown(tmp, uid, gid, dir_fd=work, follow_symlinks=False)
+                os.chmod(tmp, mode, dir_fd=work)
+                syscalls.renameat2(work, tmp, pfd, name, syscalls.RENAME_NOREPLACE)
+            except BaseException:
+                remove_tree_at(work, tmp)
+                raise
+            self._clear_whiteout(pfd, name)
+        return self._new_node(parent, name, pfd)
+
+    def link(self, node: Node, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
+        if node.is_dir:
+            raise _err(errno.EPERM, name)
+        _, pfd, wh = self._prepare_new(parent, name)
+        self.copy_up(node)
+        if node.branch != self.top_rw:
+            raise _err(errno.EXDEV, name)
+        sfd, sname = self._location(node)
+        os.link(sname, name, src_dir_fd=sfd, dst_dir_fd=pfd, follow_symlinks=False)
+        if wh:
+            self._clear_whiteout(pfd, name)
+        if node.aliases is None:
+            node.aliases = {}
+        node.aliases[join(parent.path, name)] = parent
+        for h in parent.handles or ():
+            h.removed.discard(name)
+        return node, self.stat(node)
+
+    # ----------------------------------------------------------------- removing
+
+    def _forget_name(self, parent: Node, name: bytes, node: Node | None) -> None:
+        for h in parent.handles or ():
+            h.removed.add(name)
+        self.dirs.forget(join(parent.path, name))
+        if node is None:
+            return
+        path = join(parent.path, name)
+        if node.aliases and path in node.aliases:
+            del node.aliases[path]
+        elif node.path == path and node.aliases:
+            self._stat_alias(node)
+
+    def _remove(self, parent: Node, name: bytes, want_dir: bool) -> None:
+        self.require_writable()
+        p = self.probe(parent, name, full=True)
+        if not p.entries:
+            raise _err(errno.ENOENT, name)
+        b, st = p.entries[0]
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if want_dir and not is_dir:
+            raise _err(errno.ENOTDIR, name)
+        if not want_dir and is_dir:
+            raise _err(errno.EISDIR, name)
+        node = self.table.by_key.get(self._key(st))
+        if is_dir:
+            dnode = node or Node(0, (0, 0), join(parent.path, name), b, True)
+            if node is None:
+                dnode.parent, dnode.layers, dnode.stop = parent, tuple(p.layers), p.stop
+            if self.listdir(dnode):
+                raise _err(errno.ENOTEMPTY, name)
+        if self.branches[b].writable:
+            dfd = self.dirs.get(b, parent.path)
+            if p.below(b):
+                self._whiteout(dfd, name)  # first: a crash leaves the entry, never lower data
+            if is_dir:
+                self.dirs.forget(join(parent.path, name))
+                remove_tree_at(dfd, name)  # only whiteouts and markers are left in it
+            else:
+                os.unlink(name, dir_fd=dfd)
+                if st.st_nlink <= 1:
+                    self.origin.pop((st.st_dev, st.st_ino), None)
+                    if node is not None and not node.aliases:
+                        self.table.rekey(node, (-1, node.ino))
+        else:
+            t = self._target(parent)
+            self._whiteout(self.ensure_dir(t, parent), name)
+        self._forget_name(parent, name, node)
+
+    def unlink(self, parent: Node, name: bytes) -> None:
+        self._remove(parent, name, want_dir=False)
+
+    def rmdir(self, parent: Node, name: bytes) -> None:
+        self._remove(parent, name, want_dir=True)
+
+    # ----------------------------------------------------------------- rename
+
+    def rename(self, old_parent: Node, old: bytes, new_parent: Node, new: bytes, flags: int = 0) -> None:
+        t = self.require_writable()
+        self.check_name(new)
+        src = self.probe(old_parent, old, full=True)
+        if not src.entries:
+            raise _err(errno.ENOENT, old)
+        dst = self.probe(new_parent, new, full=True)
+        src_dir = stat.S_ISDIR(src.entries[0][1].st_mode)
+        if dst.entries:
+            if flags & syscalls.RENAME_NOREPLACE:
+                raise _err(errno.EEXIST, new)
+            dst_dir = stat.S_ISDIR(dst.entries[0][1].st_mode)
+            if not flags & syscalls.RENAME_EXCHANGE:
+                if src_dir and not dst_dir:
+                    raise _err(errno.ENOTDIR, new)
+                if dst_dir and not src_dir:
+                    raise _err(errno.EISDIR, new)
+                if self._key(src.entries[0][1]) == self._key(dst.entries[0][1]):
+                    return  # two names of one file: nothing to do
+                if dst_dir:
+                    dnode, _ = self._node_from(new_parent, new, dst)
+                    if self.listdir(dnode):
+                        raise _err(errno.ENOTEMPTY, new)
+        elif flags & syscalls.RENAME_EXCHANGE:
+            raise _err(errno.ENOENT, new)
+        if new_parent.path == join(old_parent.path, old) or new_parent.path.startswith(join(old_parent.path, old) + b"/"):
+            raise _err(errno.EINVAL, new)
+        if t > old_parent.stop or t > new_parent.stop:
+            raise _err(errno.EROFS)
+
+        # everything involved must live in the top writable branch; an entry on another
+        # writable branch is not moved across branches (mv copies on EXDEV)
+        for p in (src, dst):
+            if p.entries and p.entries[0][0] != t and self.branches[p.entries[0][0]].writable:
+                raise _err(errno.EXDEV, new)
+        node = self._copy_up_name(old_parent, old, src, t)
+        if node.is_dir and (len(self.layers(node)) > 1 or node.branch != t):
+            self._copy_up_tree(node, t)
+        other = None
+        if flags & syscalls.RENAME_EXCHANGE:
+            other = self._copy_up_name(new_parent, new, dst, t)
+            if other.is_dir and (len(self.layers(other)) > 1 or other.branch != t):
+                self._copy_up_tree(other, t)
+        ofd = self.ensure_dir(t, old_parent)
+        nfd = self.ensure_dir(t, new_parent)
+
+        old_path, new_path = join(old_parent.path, old), join(new_parent.path, new)
+        if flags & syscalls.RENAME_EXCHANGE:
+            # each directory now stands where the other's lower content may be
+            if node.is_dir and dst.below(t):
+                self._make_opaque(self.dirs.get(t, old_path))
+            if other.is_dir and src.below(t):
+                self._make_opaque(self.dirs.get(t, new_path))
+            syscalls.renameat2(ofd, old, nfd, new, syscalls.RENAME_EXCHANGE)
+            self.dirs.forget(old_path)
+            self.dirs.forget(new_path)
+            self._move_node(node, old_path, new_path, new_parent)
+            self._move_node(other, new_path, old_path, old_parent)
+            return
+
+        replaced = None
+        if dst.entries:
+            replaced = self.table.by_key.get(self._key(dst.entries[0][1]))
+        new_wh = self._has_whiteout(nfd, new)
+        if node.is_dir and (dst.below(t) or new_wh):
+            self._make_opaque(self.dirs.get(t, old_path))
+        dst_st = syscalls.lstat_at(nfd, new)
+        if dst_st is not None and stat.S_ISDIR(dst_st.st_mode):
+            self._empty_dir(nfd, new)
+        if src.below(t):
+            self._whiteout(ofd, old)  # before the move: a crash leaves both names, never lower data
+        syscalls.renameat2(ofd, old, nfd, new)
+        if new_wh:
+            self._clear_whiteout(nfd, new)
+        self.dirs.forget(old_path)
+        self.dirs.forget(new_path)
+        for h in old_parent.handles or ():
+            h.removed.add(old)
+        for h in new_parent.handles or ():
+            h.removed.discard(new)
+        if replaced is not None and replaced is not node:
+            if dst_st is not None and dst_st.st_nlink <= 1 and not replaced.aliases:
+                self.origin.pop((dst_st.st_dev, dst_st.st_ino), None)
+                self.table.rekey(replaced, (-1, replaced.ino))
+            elif replaced.aliases:
+                self._forget_name(new_parent, new, replaced)
+        self._move_node(node, old_path, new_path, new_parent)
+
+    def _empty_dir(self, dfd: int, name: bytes) -> None:
+        """Remove the markers left in an (empty in the merged view) directory about to be replaced."""
+        fd = syscalls.open_beneath(dfd, name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            names = [os.fsencode(n) for n in os.listdir(fd)]
+            for n in names:
+                remove_tree_at(fd, n)
+        finally:
+            os.close(fd)
+
+    def _move_node(self, node: Node, old_path: bytes, new_path: bytes, new_parent: Node) -> None:
+        if node.aliases and old_path in node.aliases:
+            del node.aliases[old_path]
+            node.aliases[new_path] = new_parent
+        else:
+            node.path, node.parent = new_path, new_parent
+        if node.is_dir:
+            prefix = old_path + b"/"
+            for n in self.table.under(old_path):
+                n.path = new_path + n.path[len(old_path):]
+            for n in self.table.by_ino.values():
+                if n.aliases:
+                    n.aliases = {
+                        (new_path + p[len(old_path):] if p.startswith(prefix) else p): par
+                        for p, par in n.aliases.items()
+                    }
+
+    # ----------------------------------------------------------------- attributes
+
+    def open(self, node: Node, flags: int) -> int:
+        """Open NODE's data; copied up first when opened for writing."""
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+            self.require_writable()
+            self.copy_up(node)
+        dfd, name = self._location(node)
+        return os.open(name, _open_flags(flags), dir_fd=dfd)
+
+    def setattr(self, node: Node, fd: int | None, mode=None, uid=None, gid=None, size=None,
+                atime_ns=None, mtime_ns=None) -> os.stat_result:
+        self.require_writable()
+        self.copy_up(node)
+        if node.ino == ROOT_INO:
+            dfd, name = self.branches[self.layers(node)[0]].fd, b"."
+            if not self.branches[self.layers(node)[0]].writable:
+                raise _err(errno.EROFS)
+        else:
+            dfd, name = self._location(node)
+        if size is not None:
+            if fd is not None:
+                os.ftruncate(fd, size)
+            else:
+                tfd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                try:
+                    os.ftruncate(tfd, size)
+                finally:
+                    os.close(tfd)
+        if uid is not None or gid is not None:
+            os.chown(name, -1 if uid is None else uid, -1 if gid is None else gid, dir_fd=dfd,
+                     follow_symlinks=False)
+        if mode is not None:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if not stat.S_ISLNK(st.st_mode):
+                os.chmod(name, stat.S_IMODE(mode), dir_fd=dfd)
+        if atime_ns is not None or mtime_ns is not None:
+            if atime_ns is None or mtime_ns is None:
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
+                mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
+            os.utime(name, ns=(atime_ns, mtime_ns), dir_fd=dfd, follow_symlinks=False)
+        return self.stat(node)
+
+    def readlink(self, node: Node) -> bytes:
+        dfd, name = self._location(node)
+        return os.readlink(name, dir_fd=dfd)
+
+    def _xattr_path(self, node: Node) -> bytes:
+        if node.ino == ROOT_INO:
+            return syscalls.proc_path(self.branches[self.layers(node)[0]].fd)
+        dfd, name = self._location(node)
+        return syscalls.proc_path(dfd, name)
+
+    def getxattr(self, node: Node, name: bytes) -> bytes:
+        if is_internal_xattr(name) or name == CONTROL_XATTR:
+            raise _err(errno.ENODATA)
+        return os.getxattr(self._xattr_path(node), name, follow_symlinks=False)
+
+    def listxattr(self, node: Node) -> list[bytes]:
+        names = os.listxattr(self._xattr_path(node), follow_symlinks=False)
+        return [n for n in map(os.fsencode, names) if not is_internal_xattr(n)]
+
+    def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
+        if is_internal_xattr(name):
+            raise _err(errno.EPERM)
+        self.require_writable()
+        self.copy_up(node)
+        if node.ino == ROOT_INO and not self.branches[self.layers(node)[0]].writable:
+            raise _err(errno.EROFS)
+        os.setxattr(self._xattr_path(node), name, value, follow_symlinks=False)
+
+    def removexattr(self, node: Node, name: bytes) -> None:
+        if is_internal_xattr(name):
+            raise _err(errno.ENODATA)
+        self.require_writable()
+        self.copy_up(node)
+        if node.ino == ROOT_INO and not self.branches[self.layers(node)[0]].writable:
+            raise _err(errno.EROFS)
+        os.removexattr(self._xattr_path(node), name, follow_symlinks=False)
+
+    def statfs(self) -> os.statvfs_result:
+        return os.statvfs(self.branches[self.top_rw if self.top_rw is not None else 0].fd)
+
+    def fsyncdir(self, node: Node) -> None:
+        if node.branch is None or not self.branches[node.branch].writable:
+            return
+        dfd = self.dirs.lookup(node.branch, node.path)
+        if dfd is not None:
+            fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dfd)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def refresh(self) -> list[Node]:
+        """Forget what is cached about the branches (after they were edited directly)."""
+        self.dirs.clear()
+        nodes = list(self.table.by_ino.values())
+        for n in nodes:
+            if n.is_dir:
+                n.layers = None
+        self._root_layers(self.table.root)
+        return nodes
+
+
+def _open_flags(flags: int) -> int:
+    """Flags to open a branch file with, for a kernel open request."""
+    flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND)
+    return flags | os.O_NOFOLLOW | os.O_CLOEXEC
+
