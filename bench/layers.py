@@ -147,8 +147,8 @@ def _add_overrides(base: Path, app: Path) -> int:
     chosen += [base / "etc" / n for n in ("issue", "debian_version", "motd")]
     count = 0
     for path in chosen:
-        if path.is_symlink() or not path.is_file():
-            continue
+        if os.path.realpath(path) != str(path) or not path.is_file():
+            continue  # a symlink, or under a symlinked directory
         rel = path.relative_to(base)
         _write(app / rel, b"overridden by the app layer\n" + path.read_bytes())
         count += 1
