@@ -1,0 +1,85 @@
+"""Smoke test of the benchmark harness: a tiny data set, native and pyunion, one repetition."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.layers import APP_TREE, BIG_DIR, BIG_FILE, PROFILES
+from bench.workloads import SCENARIOS, timed_steps
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = PROFILES["tiny"]
+
+
+def mounts_under(path: Path) -> list[str]:
+    prefix = str(path.resolve()) + "/"
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    return [p for p in points if p.startswith(prefix)]
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture
+def out(tmp_path):
+    yield tmp_path
+    for point in reversed(mounts_under(tmp_path)):  # only if the harness failed to clean up
+        subprocess.run(["umount", "-l", point], check=False)
+
+
+def test_tiny_run_times_every_workload_on_native_and_pyunion(out):
+    done = run_bench("--profile", "tiny", "--systems", "native,pyunion", "--reps", "1",
+                     "--out", str(out), "--no-install", "--no-chart")
+    assert done.returncode == 0, done.stderr
+    assert mounts_under(out) == []
+
+    data = json.loads((out / "results.json").read_text())
+    steps = data["summary"]["steps"]
+    assert list(steps) == [s.name for s in timed_steps(SCENARIOS)]
+    for name, step in steps.items():
+        for system in ("native", "pyunion"):
+            assert len(step["samples"][system]) == 1, (name, system)
+            assert step["samples"][system][0] > 0
+        assert step["errors"] == {}
+    assert data["summary"]["memory_kib"]["pyunion"] > 1024  # a Python daemon holds > 1 MiB
+
+    table = done.stdout
+    assert "| workload | native | pyunion |" in table
+    assert table.count("\n| ") >= len(steps) + 1
+    assert "| stat_cold | " in (out / "RESULTS.md").read_text()
+
+    # the cached layers: app overrides base in the merged copy, the big directory is merged
+    layers = out / "layers" / "tiny"
+    assert len(os.listdir(layers / "native" / BIG_DIR)) == TINY.many
+    assert os.path.getsize(layers / "app" / BIG_FILE) == TINY.big_mib << 20
+    assert os.path.getsize(layers / "native" / BIG_FILE) == TINY.big_mib << 20  # append undone
+    override = (layers / "native/etc/issue").read_bytes()
+    assert override.startswith(b"overridden by the app layer\n")
+    assert (layers / "base/etc/issue").read_bytes() == b"tiny base\n"
+    assert (layers / "native" / APP_TREE).is_dir()
+    # every writable layer and mountpoint was removed after its repetition
+    assert sorted(os.listdir(out / "scratch")) == []
+
+
+def test_bad_option_is_one_line_and_touches_nothing(out):
+    done = run_bench("--systems", "native,nfs", "--out", str(out / "never"))
+    assert done.returncode == 2
+    assert done.stderr == "bench: unknown system 'nfs' (choose from native, overlayfs, fuse-overlayfs, unionfs-fuse, pyunion)\n"
+    assert not (out / "never").exists()
+
+    done = run_bench("--reps", "0", "--out", str(out / "never"))
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "--reps" in done.stderr
+    assert not (out / "never").exists()
