@@ -80,7 +80,8 @@ class TarSource:
             for m in self.tar.getmembers():
                 self.members[os.path.normpath(m.name).lstrip("/")] = m
         except (tarfile.TarError, EOFError, OSError) as e:
-            raise UsageError(f"{path}: not an image archive (docker save tar or OCI layout): {e}") from None
+            why = str(e).splitlines()[0].rstrip(":") if str(e) else type(e).__name__
+            raise UsageError(f"{path}: not an image archive (docker save tar or OCI layout): {why}") from None
 
     def exists(self, name: str) -> bool:
         return os.path.normpath(name) in self.members

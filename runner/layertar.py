@@ -146,12 +146,21 @@ class Extractor:
                 )
 
     def _refuse_path(self, e: OSError, parts: list[bytes], member: str):
+        for i in range(1, len(parts) + 1):
+            try:
+                st = os.stat(b"/".join(parts[:i]), dir_fd=self.root_fd, follow_symlinks=False)
+            except OSError:
+                break
+            if stat.S_ISLNK(st.st_mode):
+                raise LayerError(
+                    f"entry {member!r}: would be written through the symlink {_show(parts[:i])}; refused"
+                )
         if e.errno in (errno.ELOOP, errno.EXDEV):
             raise LayerError(f"entry {member!r}: would be written through a symlink; refused")
         if e.errno == errno.ENOTDIR:
             raise LayerError(f"entry {member!r}: a parent of it is not a directory; refused")
         if e.errno == errno.ENOENT:
-            raise LayerError(f"entry {member!r}: {_show(parts)} does not exist in the layer")
+            raise LayerError(f"entry {member!r}: {_show(parts)} is not in the layer; refused")
         raise LayerError(f"entry {member!r}: {e.strerror}")
 
     # ---- extraction ---------------------------------------------------------------------

@@ -188,7 +188,7 @@ class Store:
 
     @contextlib.contextmanager
     def locked(self):
-        """Hold the store's exclusive lock; on first entry, sweep stale staging leftovers."""
+        """Hold the store's exclusive lock; staging leftovers are swept when taking and leaving it."""
         if self._lock_depth:
             self._lock_depth += 1
             try:
@@ -201,12 +201,19 @@ class Store:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             self._lock_fd, self._lock_depth = fd, 1
-            for entry in os.listdir(self.tmp_dir):
-                remove_tree(os.path.join(self.tmp_dir, entry))
+            self._sweep()
             yield self
         finally:
+            if self._lock_depth:
+                with contextlib.suppress(OSError):
+                    self._sweep()
             self._lock_fd, self._lock_depth = None, 0
             os.close(fd)
+
+    def _sweep(self) -> None:
+        """Delete everything in tmp/ (only while holding the lock: then it is all stale)."""
+        for entry in os.listdir(self.tmp_dir):
+            remove_tree(os.path.join(self.tmp_dir, entry))
 
     def staging_dir(self, prefix: str) -> str:
         """A fresh directory under tmp/ (only valid while the lock is held)."""
