@@ -1,0 +1,167 @@
+"""Shared fixtures: real pyunion mounts over real branch directories, always unmounted."""
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+PYUNION = [sys.executable, "-m", "unionfs"]
+# log lines that fail a test unless it says it expects them (S3QL style)
+BAD_LOG = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback")
+
+
+def pyunion(*args, check=False, **kw) -> subprocess.CompletedProcess:
+    kw.setdefault("capture_output", True)
+    kw.setdefault("text", True)
+    kw.setdefault("timeout", 60)
+    return subprocess.run([*PYUNION, *map(str, args)], check=check, **kw)
+
+
+def is_mounted(path) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == real for line in f)
+
+
+def force_unmount(path) -> None:
+    subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True)
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def tree(root) -> dict:
+    """Everything under ROOT, for before/after comparisons: path -> (mode, size, content/target)."""
+    root = Path(root)
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath, name)
+            st = p.lstat()
+            if p.is_symlink():
+                data = os.readlink(p)
+            elif p.is_file():
+                data = p.read_bytes()
+            else:
+                data = None
+            out[str(p.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns, data)
+    return out
+
+
+class UnionMount:
+    """A union of branch directories under a temporary directory, mounted on demand."""
+
+    def __init__(self, base: Path, branches, options=()):
+        self.base = base
+        self.mnt = base / "mnt"
+        self.mnt.mkdir(exist_ok=True)
+        self.log = base / "daemon.log"
+        self.branches = list(branches)  # [(name, mode)]
+        self.options = list(options)
+        self.expected_log: list[str] = []
+        for name, _ in self.branches:
+            (base / name).mkdir(exist_ok=True)
+
+    def __getitem__(self, name) -> Path:
+        return self.base / name
+
+    def __truediv__(self, rel) -> Path:
+        return self.mnt / rel
+
+    @property
+    def spec(self) -> str:
+        return ":".join(f"{self.base / n}={m}" for n, m in self.branches)
+
+    def mount(self, *extra_opts):
+        opts = ",".join([f"logfile={self.log}", *self.options, *extra_opts])
+        r = pyunion("mount", "-o", opts, self.spec, self.mnt)
+        assert r.returncode == 0, r.stderr
+        assert is_mounted(self.mnt)
+        return self
+
+    def umount(self):
+        r = pyunion("umount", self.mnt)
+        assert r.returncode == 0, r.stderr
+        assert not is_mounted(self.mnt)
+
+    def remount(self):
+        self.umount()
+        return self.mount()
+
+    def daemon_pid(self) -> int:
+        return int(os.getxattr(self.mnt, "pyunion.pid"))
+
+    def check_log(self):
+        if not self.log.exists():
+            return
+        for line in self.log.read_text().splitlines():
+            if BAD_LOG.search(line) and not any(e in line for e in self.expected_log):
+                pytest.fail(f"unexpected daemon log line: {line}")
+
+
+@pytest.fixture
+def make_union(tmp_path):
+    """make_union(("up", "rw"), ("low", "ro+wh"), options=[...]) -> UnionMount (not yet mounted)."""
+    mounts = []
+
+    def make(*branches, options=(), name="u"):
+        base = tmp_path / name
+        base.mkdir(exist_ok=True)
+        m = UnionMount(base, branches or [("up", "rw"), ("low", "ro+wh")], options)
+        mounts.append(m)
+        return m
+
+    yield make
+    for m in mounts:
+        if is_mounted(m.mnt):
+            r = pyunion("umount", m.mnt)
+            if r.returncode != 0 or is_mounted(m.mnt):
+                force_unmount(m.mnt)
+    for m in mounts:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and m.log.exists() and "unmounted" not in m.log.read_text():
+            time.sleep(0.05)
+        m.check_log()
+
+
+@pytest.fixture
+def union(make_union):
+    """A two-branch union (up=rw over low=ro+wh), not yet mounted: fill the branches, then .mount()."""
+    return make_union()
+
+
+TEST_USER = "pyuniontest"
+
+
+@pytest.fixture(scope="session")
+def test_user():
+    """An unprivileged user (created if missing): (uid, gid)."""
+    import pwd
+
+    try:
+        pw = pwd.getpwnam(TEST_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/bin/sh", TEST_USER],
+                       check=True, capture_output=True)
+        pw = pwd.getpwnam(TEST_USER)
+    return pw.pw_uid, pw.pw_gid
+
+
+def as_user(uid, gid, fn):
+    """Run FN in a child process with the given ids; returns its exit code (0 = FN returned)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            fn()
+            code = 0
+        except BaseException as e:  # report through the exit code
+            print(f"as_user: {e!r}", file=sys.stderr)
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])

@@ -1,0 +1,59 @@
+"""Unit tests of the pure rules: branch specs and whiteout names."""
+
+import pytest
+
+from unionfs.branches import BranchSpec, format_branches, parse_branches, split_spec
+from unionfs.errors import UsageError
+from unionfs.mountcmd import overlay_branches, parse_options
+from unionfs.whiteout import is_internal_xattr, is_reserved, whited_out, whiteout_name
+
+
+def test_default_modes_first_rw_rest_ro_wh():
+    assert parse_branches("/a:/b:/c") == [
+        BranchSpec("/a", "rw"), BranchSpec("/b", "ro+wh"), BranchSpec("/c", "ro+wh")]
+
+
+def test_explicit_modes():
+    assert parse_branches("/a=ro:/b=rw:/c=ro+wh") == [
+        BranchSpec("/a", "ro"), BranchSpec("/b", "rw"), BranchSpec("/c", "ro+wh")]
+
+
+def test_escaped_colon_and_backslash():
+    assert split_spec(r"/a\:b:/c\\d") == ["/a:b", "/c\\d"]
+    assert parse_branches(r"/x\:y=ro") == [BranchSpec("/x:y", "ro")]
+
+
+def test_format_round_trip():
+    specs = [BranchSpec("/we:ird", "rw"), BranchSpec("/b\\", "ro")]
+    assert parse_branches(format_branches(specs)) == specs
+
+
+@pytest.mark.parametrize("spec", ["", "/a::/b", "/a=bogus", "=rw"])
+def test_bad_specs(spec):
+    with pytest.raises(UsageError):
+        parse_branches(spec)
+
+
+def test_whiteout_names():
+    assert whiteout_name(b"x") == b".wh.x"
+    assert whited_out(b".wh.x") == b"x"
+    assert whited_out(b".wh..wh..opq") is None
+    assert whited_out(b"plain") is None
+    assert is_reserved(b".wh.anything") and not is_reserved(b"wh.x")
+    assert is_internal_xattr(b"trusted.overlay.opaque") and not is_internal_xattr(b"user.mime")
+
+
+def test_overlay_options_map_to_branches():
+    o = parse_options(["lowerdir=/l1:/l2,upperdir=/u,workdir=/w,nodev,bogus"])
+    assert o.unknown == ["bogus"] and o.kernel_flags == ["nodev"]
+    assert overlay_branches(o.lowerdir, o.upperdir, o.workdir) == [
+        BranchSpec("/u", "rw"), BranchSpec("/l1", "ro+wh"), BranchSpec("/l2", "ro+wh")]
+    with pytest.raises(UsageError):
+        overlay_branches("/l", "/u", None)
+
+
+def test_timeouts_parse():
+    o = parse_options(["timeout=2.5", "attr_timeout=1"])
+    assert (o.entry_timeout, o.attr_timeout, o.negative_timeout) == (2.5, 1.0, 2.5)
+    with pytest.raises(UsageError):
+        parse_options(["timeout=soon"])

@@ -1,0 +1,108 @@
+"""Bad input to `pyunion mount`: one line on stderr, non-zero exit, nothing mounted or changed."""
+
+import os
+import shutil
+import tempfile
+
+import pytest
+
+from conftest import as_user, is_mounted, pyunion, tree
+
+
+def _fails(args, base, expect):
+    before = tree(base)
+    r = pyunion(*args)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("pyunion: ") and expect in lines[0], lines[0]
+    assert "Traceback" not in r.stderr
+    assert tree(base) == before
+    return lines[0]
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    for d in ("a", "b", "mnt"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "a" / "f").write_text("data")
+    (tmp_path / "file").write_text("x")
+    return tmp_path
+
+
+def test_missing_branch(dirs):
+    _fails(["mount", f"{dirs}/a:{dirs}/nope", dirs / "mnt"], dirs, "nope")
+    assert not is_mounted(dirs / "mnt")
+
+
+def test_branch_not_a_directory(dirs):
+    _fails(["mount", f"{dirs}/a:{dirs}/file", dirs / "mnt"], dirs, "not a directory")
+
+
+def test_unknown_mode(dirs):
+    _fails(["mount", f"{dirs}/a=rw:{dirs}/b=sideways", dirs / "mnt"], dirs, "sideways")
+
+
+def test_missing_mountpoint(dirs):
+    _fails(["mount", f"{dirs}/a:{dirs}/b", dirs / "nomnt"], dirs, "nomnt")
+
+
+def test_same_branch_twice(dirs):
+    os.symlink(dirs / "a", dirs / "alias")
+    _fails(["mount", f"{dirs}/a:{dirs}/alias", dirs / "mnt"], dirs, "twice")
+
+
+def test_branch_inside_mountpoint(dirs):
+    (dirs / "mnt" / "inner").mkdir()
+    _fails(["mount", f"{dirs}/a:{dirs}/mnt/inner", dirs / "mnt"], dirs, "inside the mountpoint")
+
+
+def test_mountpoint_inside_branch(dirs):
+    (dirs / "a" / "m").mkdir()
+    _fails(["mount", f"{dirs}/a:{dirs}/b", dirs / "a" / "m"], dirs, "inside the branch")
+
+
+def test_unknown_option(dirs):
+    _fails(["mount", "-o", "frobnicate", f"{dirs}/a:{dirs}/b", dirs / "mnt"], dirs, "frobnicate")
+
+
+def test_wrong_argument_count(dirs):
+    _fails(["mount", f"{dirs}/a"], dirs, "usage")
+
+
+def test_umount_not_mounted(dirs):
+    _fails(["umount", dirs / "mnt"], dirs, "not mounted")
+
+
+def test_no_usable_dev_fuse(test_user):
+    uid, gid = test_user
+    base = tempfile.mkdtemp(prefix="pyunion-nofuse-", dir="/tmp")
+    try:
+        for d in ("a", "b", "mnt"):
+            os.mkdir(os.path.join(base, d))
+            os.chown(os.path.join(base, d), uid, gid)
+        os.chmod(base, 0o755)
+        st = os.stat("/dev/fuse")
+        os.chmod("/dev/fuse", 0o600)  # as shipped here: root only
+        r, w = os.pipe()
+        try:
+            def run():
+                res = pyunion("mount", f"{base}/a:{base}/b", f"{base}/mnt")
+                os.write(w, f"{res.returncode}\n{res.stderr}".encode())
+
+            assert as_user(uid, gid, run) == 0
+        finally:
+            os.chmod("/dev/fuse", st.st_mode & 0o7777)
+            os.close(w)
+        code, err = os.read(r, 65536).decode().split("\n", 1)
+        os.close(r)
+        assert code != "0"
+        assert len(err.strip().splitlines()) == 1 and "/dev/fuse" in err, err
+        assert not is_mounted(f"{base}/mnt")
+    finally:
+        shutil.rmtree(base)
+
+
+def test_help_lists_commands():
+    r = pyunion("--help")
+    assert r.returncode == 0 and "pyunion mount" in r.stdout and "pyunion umount" in r.stdout
