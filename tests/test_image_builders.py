@@ -222,3 +222,31 @@ def inspect(home: str, ref: str) -> dict:
     assert isinstance(docs, list) and len(docs) == 1
     return docs[0]
 
+
+
+def is_mounted(path: str) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == real for line in f)
+
+
+class mounted:
+    """`with mounted(upper, layer_dirs, mnt):` a real pyunion mount (upper rw over the layers)."""
+
+    def __init__(self, upper: str, layer_dirs: list[str], mnt: str):
+        self.spec = ":".join([f"{upper}=rw", *(f"{d}=ro+wh" for d in layer_dirs)])
+        self.mnt = mnt
+
+    def __enter__(self) -> str:
+        os.makedirs(self.mnt, exist_ok=True)
+        proc = subprocess.run([*PYUNION, "mount", self.spec, self.mnt], capture_output=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert is_mounted(self.mnt)
+        return self.mnt
+
+    def __exit__(self, *exc) -> None:
+        if is_mounted(self.mnt):
+            subprocess.run([*PYUNION, "umount", self.mnt], capture_output=True, timeout=60)
+        if is_mounted(self.mnt):
+            subprocess.run(["fusermount3", "-u", "-z", self.mnt], capture_output=True)
+        assert not is_mounted(self.mnt)

@@ -1,0 +1,212 @@
+"""diff, commit, ps and rm on named containers whose writable layer is changed through a real mount."""
+
+import json
+import os
+import shutil
+
+import pytest
+from test_image_builders import (
+    config_for,
+    inspect,
+    mounted,
+    one_line_error,
+    pyunion,
+    sha,
+    three_layers,
+    write_docker_save,
+)
+
+from runner.store import Store
+from unionfs.errors import UsageError
+
+EXPECTED_DIFF = """\
+C /bin
+D /bin/cat
+C /data
+D /data/new
+A /data/z
+C /etc
+D /etc/motd
+A /etc/motd2
+C /home
+C /home/user
+C /home/user/a.txt
+D /home/user/c.txt
+A /home/user/new.txt
+A /newdir
+A /newdir/sub
+A /newdir/sub/q
+C /tmp
+"""
+
+
+@pytest.fixture
+def home(tmp_path):
+    layers = three_layers()
+    archive = str(tmp_path / "img.tar")
+    write_docker_save(archive, [(layers, config_for(layers, Cmd=["/bin/sh"], WorkingDir="/home/user"), ["busy:1"])])
+    h = str(tmp_path / "store")
+    pyunion("image", "import", archive, home=h)
+    return h
+
+
+def change_through_mount(mnt: str) -> None:
+    """The changes a container makes: add, modify, delete, replace a dir, runner-generated files."""
+    with open(os.path.join(mnt, "home/user/new.txt"), "w") as f:
+        f.write("new\n")
+    with open(os.path.join(mnt, "home/user/a.txt"), "a") as f:
+        f.write("more\n")
+    os.unlink(os.path.join(mnt, "home/user/c.txt"))
+    shutil.rmtree(os.path.join(mnt, "data"))
+    os.mkdir(os.path.join(mnt, "data"))
+    with open(os.path.join(mnt, "data/z"), "w") as f:
+        f.write("z\n")
+    os.makedirs(os.path.join(mnt, "newdir/sub"))
+    with open(os.path.join(mnt, "newdir/sub/q"), "w") as f:
+        f.write("q\n")
+    os.unlink(os.path.join(mnt, "bin/cat"))
+    os.rename(os.path.join(mnt, "etc/motd"), os.path.join(mnt, "etc/motd2"))
+    os.chmod(os.path.join(mnt, "tmp"), 0o700)
+    for generated in ("etc/hostname", "etc/hosts", "etc/resolv.conf"):
+        with open(os.path.join(mnt, generated), "w") as f:
+            f.write("generated\n")
+
+
+def visible_tree(root: str) -> dict[str, bytes | str | None]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            rel = os.path.relpath(p, root)
+            if os.path.islink(p):
+                out[rel] = "-> " + os.readlink(p)
+            elif os.path.isfile(p):
+                out[rel] = open(p, "rb").read()
+            else:
+                out[rel] = oct(os.lstat(p).st_mode)
+    return out
+
+
+def test_diff_commit_round_trip(tmp_path, home):
+    store = Store(home)
+    upper = store.prepare_container("c1", "busy:1")
+    assert upper == os.path.join(home, "containers", "c1", "upper") and os.listdir(upper) == []
+    assert store.prepare_container("c1", "busy:1") == upper
+    image = store.resolve_image("busy:1")
+    with mounted(upper, image.layer_dirs, str(tmp_path / "mnt")) as mnt:
+        change_through_mount(mnt)
+        # while mounted, rm refuses (the union's work area is present) and ps lists it
+        line = one_line_error(pyunion("rm", "c1", home=home, check=False))
+        assert "in use" in line
+        before = visible_tree(mnt)
+    ps = pyunion("ps", home=home).stdout.decode().splitlines()
+    assert ps[0].split() == ["NAME", "IMAGE", "CREATED"] and ps[1].split()[:2] == ["c1", "busy:1"]
+
+    assert pyunion("diff", "c1", home=home).stdout.decode() == EXPECTED_DIFF
+    # the same directory named directly finds its container's image
+    assert pyunion("diff", upper, home=home).stdout.decode() == EXPECTED_DIFF
+
+    out = pyunion("commit", "c1", "snap:1", home=home).stdout.decode()
+    new = inspect(home, "snap:1")
+    assert out.strip() == new["Id"]
+    old_layers = inspect(home, "busy:1")["RootFS"]["Layers"]
+    assert new["RootFS"]["Layers"][:3] == old_layers and len(new["RootFS"]["Layers"]) == 4
+    assert new["Config"]["WorkingDir"] == "/home/user"
+    diff_id = new["RootFS"]["Layers"][3]
+    layer = os.path.join(home, "layers", diff_id[7:])
+    with open(os.path.join(layer, "layer.tar"), "rb") as f:
+        assert sha(f.read()) == diff_id
+    tree = os.path.join(layer, "tree")
+    # whiteouts in OCI form, init-layer and union files left out
+    assert os.path.isfile(os.path.join(tree, "bin/.wh.cat"))
+    assert os.path.isfile(os.path.join(tree, "data/.wh..wh..opq"))
+    assert os.path.isfile(os.path.join(tree, "etc/.wh.motd"))
+    assert not os.path.exists(os.path.join(tree, ".wh..wh.pyunion"))
+    assert sorted(os.listdir(os.path.join(tree, "etc"))) == [".wh.motd", "motd2"]
+    assert open(os.path.join(tree, "home/user/a.txt")).read() == "a from middle\nmore\n"
+
+    # a fresh container of the committed image sees what the old one saw (minus generated files)
+    upper2 = Store(home).prepare_container("c2", "snap:1")
+    with mounted(upper2, Store(home).resolve_image("snap:1").layer_dirs, str(tmp_path / "mnt2")) as mnt:
+        after = visible_tree(mnt)
+    for generated in ("etc/hostname", "etc/hosts", "etc/resolv.conf"):
+        del before[generated]
+    assert after == before
+    assert "bin/cat" not in after and sorted(k for k in after if k.startswith("data/")) == ["data/z"]
+    assert pyunion("diff", "c2", home=home).stdout == b""
+
+    # committing the same writable layer again gives the same DiffID (deterministic tar)
+    pyunion("commit", "c1", "snap:2", home=home)
+    assert inspect(home, "snap:2")["RootFS"]["Layers"][3] == diff_id
+    assert len(os.listdir(os.path.join(home, "layers"))) == 4
+
+    # images in use by containers are kept; containers go with rm
+    line = one_line_error(pyunion("image", "rm", inspect(home, "busy:1")["Id"], home=home, check=False))
+    assert "used by container c1" in line
+    assert pyunion("rm", "c1", "c2", home=home).stdout == b"c1\nc2\n"
+    assert not os.path.exists(os.path.join(home, "containers", "c1"))
+    assert pyunion("ps", "-q", home=home).stdout == b""
+
+
+def make_upper(root: str, order: list[str]) -> None:
+    """A writable layer with fixed content, created in the given order."""
+    actions = {
+        "dir": lambda: os.makedirs(os.path.join(root, "srv/app"), exist_ok=True),
+        "file": lambda: open(os.path.join(root, "srv/app/run.sh"), "w").write("#!/bin/sh\n"),
+        "wh": lambda: open(os.path.join(root, ".wh.var"), "w").close(),
+        "link": lambda: os.symlink("app/run.sh", os.path.join(root, "srv/run")),
+    }
+    os.makedirs(os.path.join(root, "srv"), exist_ok=True)
+    for step in order:
+        actions[step]()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            os.utime(os.path.join(dirpath, name), (1_700_000_000, 1_700_000_000), follow_symlinks=False)
+    os.chmod(os.path.join(root, "srv/app/run.sh"), 0o755)
+
+
+def test_commit_is_deterministic_regardless_of_creation_order(home):
+    store = Store(home)
+    make_upper(store.prepare_container("x1", "busy:1"), ["dir", "file", "wh", "link"])
+    make_upper(store.prepare_container("x2", "busy:1"), ["wh", "dir", "link", "file"])
+    pyunion("commit", "x1", "det:1", home=home)
+    pyunion("commit", "x2", "det:2", home=home)
+    first, second = inspect(home, "det:1")["RootFS"]["Layers"], inspect(home, "det:2")["RootFS"]["Layers"]
+    assert first == second
+    assert pyunion("diff", "x1", home=home).stdout.decode() == "A /srv\nA /srv/app\nA /srv/app/run.sh\nA /srv/run\nD /var\n"
+
+
+def test_bare_directory_diff_rule(tmp_path, home):
+    d = tmp_path / "layer"
+    (d / "etc/ssl").mkdir(parents=True)
+    (d / "etc/ssl/.wh.old.pem").write_text("")
+    (d / "srv").mkdir()
+    (d / "srv/.wh..wh..opq").write_text("")
+    (d / "srv/x").write_text("x")
+    (d / "new").mkdir()
+    (d / "new/f").write_text("f")
+    (d / ".wh..wh.pyunion").mkdir()
+    (d / "etc/hostname").write_text("h")
+    out = pyunion("diff", str(d), home=home).stdout.decode()
+    assert out == "C /etc\nC /etc/ssl\nD /etc/ssl/old.pem\nA /new\nA /new/f\nC /srv\nA /srv/x\n"
+    # with an image to compare against, the image decides
+    out = pyunion("diff", str(d), "--image", "busy:1", home=home).stdout.decode()
+    assert out == "C /etc\nA /etc/ssl\nD /etc/ssl/old.pem\nA /new\nA /new/f\nA /srv\nA /srv/x\n"
+
+
+def test_container_contract_errors(tmp_path, home):
+    store = Store(home)
+    layers = three_layers()[:1]
+    archive = str(tmp_path / "other.tar")
+    write_docker_save(archive, [(layers, config_for(layers), ["other:1"])])
+    pyunion("image", "import", archive, home=home)
+    store.prepare_container("web", "busy:1")
+    with pytest.raises(UsageError, match="already exists"):
+        store.prepare_container("web", "other:1")
+    with pytest.raises(UsageError, match="no such image"):
+        store.prepare_container("db", "nosuch:1")
+    with pytest.raises(UsageError, match="invalid container name"):
+        store.prepare_container("../x", "busy:1")
+    assert sorted(os.listdir(os.path.join(home, "containers"))) == ["web"]
+    with open(os.path.join(home, "containers", "web", "container.json")) as f:
+        assert json.load(f)["image"] == inspect(home, "busy:1")["Id"]
