@@ -1,0 +1,67 @@
+"""Images through `pyunion run`: the config is honoured, named containers are kept, diffed, committed."""
+
+import os
+import subprocess
+
+import pytest
+from test_image_builders import (
+    PYUNION,
+    config_for,
+    inspect,
+    pyunion,
+    three_layers,
+    write_docker_save,
+)
+
+
+@pytest.fixture
+def home(tmp_path):
+    layers = three_layers()
+    config = config_for(
+        layers,
+        Entrypoint=["/bin/busybox", "sh", "-c"],
+        Cmd=["echo cmd=$GREETING; pwd; /bin/busybox id -u; /bin/busybox id -g"],
+        Env=["PATH=/bin", "GREETING=hello"],
+        WorkingDir="/home/user",
+        User="1234:99",
+    )
+    archive = str(tmp_path / "img.tar")
+    write_docker_save(archive, [(layers, config, ["busy:1"])])
+    h = str(tmp_path / "store")
+    pyunion("image", "import", archive, home=h)
+    yield h
+    # a container that outlived a failed test must not keep its mount
+    with open("/proc/self/mountinfo") as f:
+        stale = [line.split()[4] for line in f if h in line.split()[4]]
+    for mnt in stale:
+        subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
+
+
+def run(home: str, *args: str) -> str:
+    env = dict(os.environ, PYUNION_HOME=home)
+    proc = subprocess.run([*PYUNION, "run", *args], env=env, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return proc.stdout.decode()
+
+
+def test_run_honours_image_config(home):
+    assert run(home, "busy:1") == "cmd=hello\n/home/user\n1234\n99\n"
+    # CMD after -- replaces Cmd but keeps the Entrypoint
+    assert run(home, "busy:1", "--", "echo override $GREETING") == "override hello\n"
+
+
+def test_named_container_is_kept_diffed_and_committed(home):
+    run(home, "--name", "keep", "-u", "0", "busy:1", "--", "echo made > /home/user/made; rm /etc/motd")
+    ps = pyunion("ps", home=home).stdout.decode().splitlines()
+    assert [line.split()[:2] for line in ps[1:]] == [["keep", "busy:1"]]
+    diff = pyunion("diff", "keep", home=home).stdout.decode()
+    assert diff == "C /etc\nD /etc/motd\nC /home\nC /home/user\nA /home/user/made\n"
+    # the kept layer is reused by the next run of the same name
+    assert run(home, "--name", "keep", "-u", "0", "busy:1", "--", "cat /home/user/made") == "made\n"
+    pyunion("commit", "keep", "busy:2", home=home)
+    assert len(inspect(home, "busy:2")["RootFS"]["Layers"]) == 4
+    out = run(home, "busy:2", "--", "cat /home/user/made; ls /etc")
+    lines = out.splitlines()
+    assert lines[0] == "made" and "passwd" in lines[1:] and "motd" not in lines[1:]
+    pyunion("rm", "keep", home=home)
+    assert not os.path.exists(os.path.join(home, "containers", "keep"))
