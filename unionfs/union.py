@@ -366,7 +366,7 @@ class Union:
         try:
             job.prepare()
             job.finish()
-            job.publish(pfd, node.name)
+            self._publish(job, pfd, node.name)
         except BaseException:
             job.abort()
             raise
@@ -451,7 +451,7 @@ class Union:
                 raise _err(errno.ESTALE, node.path)  # the source went away meanwhile
             pfd = self.ensure_dir(t, node.parent)
             job.finish()
-            job.publish(pfd, node.name)
+            self._publish(job, pfd, node.name)
         except BaseException:
             job.abort()
             raise
@@ -459,6 +459,12 @@ class Union:
         self.origin[(new.st_dev, new.st_ino)] = node.key
         node.branch = t
         node.aliases = None  # names still in lower branches are linked when they are copied
+
+    def _publish(self, job: CopyJob, pfd: int, name: bytes) -> None:
+        """Rename a finished copy into place; the parent keeps its times, as a copy is no change."""
+        pst = os.fstat(pfd)
+        job.publish(pfd, name)
+        os.utime(syscalls.proc_path(pfd), ns=(pst.st_atime_ns, pst.st_mtime_ns))
 
     def copy_up(self, node: Node) -> None:
         job = self.prepare_copy_up(node)

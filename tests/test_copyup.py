@@ -1,0 +1,145 @@
+"""Copy-up: a change to a lower entry copies it to the writable branch with everything kept."""
+
+import os
+import stat
+
+import pytest
+
+
+def _lower_file(union, rel="d/f", data=b"lower data"):
+    p = union["low"] / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+    return p
+
+
+def test_write_copies_up_and_keeps_lower(union):
+    low = _lower_file(union)
+    union.mount()
+    with open(union / "d/f", "ab") as f:
+        f.write(b" + more")
+    assert (union / "d/f").read_bytes() == b"lower data + more"
+    assert (union["up"] / "d/f").read_bytes() == b"lower data + more"
+    assert low.read_bytes() == b"lower data"
+
+
+def test_copy_up_keeps_metadata(union):
+    low = _lower_file(union)
+    os.chmod(low.parent, 0o751)
+    os.chown(low.parent, 1234, 4321)
+    os.utime(low.parent, ns=(1_000_000_000, 2_000_000_000))
+    os.chmod(low, 0o640)
+    os.chown(low, 4242, 2424)
+    os.setxattr(low, "user.colour", b"blue")
+    os.utime(low, ns=(3_000_000_000, 4_000_000_000))
+    union.mount()
+    os.setxattr(union / "d/f", "user.size", b"big")  # a change that is not a data write
+    up = os.lstat(union["up"] / "d/f")
+    assert (stat.S_IMODE(up.st_mode), up.st_uid, up.st_gid) == (0o640, 4242, 2424)
+    assert up.st_mtime_ns == 4_000_000_000
+    assert os.getxattr(union["up"] / "d/f", "user.colour") == b"blue"
+    assert os.getxattr(union["up"] / "d/f", "user.size") == b"big"
+    dup = os.lstat(union["up"] / "d")  # the parent, created with its own metadata
+    assert (stat.S_IMODE(dup.st_mode), dup.st_uid, dup.st_gid) == (0o751, 1234, 4321)
+    assert dup.st_mtime_ns == 2_000_000_000
+    assert os.getxattr(union / "d/f", "user.colour") == b"blue"
+    assert not os.path.exists(low.parent / "f.user.size")
+    assert "user.size" not in os.listxattr(low)
+
+
+def test_copy_up_keeps_holes(union):
+    low = union["low"] / "sparse"
+    with open(low, "wb") as f:
+        f.seek(64 << 20)
+        f.write(b"end")
+        f.seek(0)
+        f.write(b"start")
+    union.mount()
+    with open(union / "sparse", "r+b") as f:
+        f.seek(1 << 20)
+        f.write(b"mid")
+    up = union["up"] / "sparse"
+    assert os.path.getsize(up) == (64 << 20) + 3
+    assert os.stat(up).st_blocks * 512 < 4 << 20, "holes were filled in"
+    with open(up, "rb") as f:
+        assert f.read(5) == b"start"
+        f.seek(1 << 20)
+        assert f.read(3) == b"mid"
+        f.seek(64 << 20)
+        assert f.read() == b"end"
+
+
+def test_copy_up_symlink_fifo_and_device(union):
+    os.symlink("../target", union["low"] / "link")
+    os.mknod(union["low"] / "fifo", stat.S_IFIFO | 0o620)
+    os.chmod(union["low"] / "fifo", 0o620)
+    os.mknod(union["low"] / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    union.mount()
+    for name in ("link", "fifo", "null"):
+        os.chown(union / name, 77, 88, follow_symlinks=False)
+    assert os.readlink(union["up"] / "link") == "../target"
+    assert os.readlink(union / "link") == "../target"
+    st = os.lstat(union["up"] / "fifo")
+    assert stat.S_ISFIFO(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o620
+    st = os.lstat(union["up"] / "null")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
+    assert all(os.lstat(union["up"] / n).st_uid == 77 for n in ("link", "fifo", "null"))
+    assert os.lstat(union["low"] / "null").st_uid == 0
+
+
+@pytest.mark.parametrize("change", [
+    lambda p: os.truncate(p, 3),
+    lambda p: os.chmod(p, 0o600),
+    lambda p: os.chown(p, 5, 6),
+    lambda p: os.utime(p, (1, 2)),
+    lambda p: os.setxattr(p, "user.a", b"1"),
+])
+def test_every_kind_of_change_copies_up(union, change):
+    _lower_file(union, "f")
+    os.setxattr(union["low"] / "f", "user.b", b"2")
+    union.mount()
+    change(union / "f")
+    assert (union["up"] / "f").exists()
+    assert (union["low"] / "f").read_bytes() == b"lower data"
+    assert os.getxattr(union["low"] / "f", "user.b") == b"2"
+
+
+def test_remove_xattr_copies_up(union):
+    _lower_file(union, "f")
+    os.setxattr(union["low"] / "f", "user.b", b"2")
+    union.mount()
+    os.removexattr(union / "f", "user.b")
+    assert "user.b" not in os.listxattr(union / "f")
+    assert os.getxattr(union["low"] / "f", "user.b") == b"2"
+
+
+def test_no_temporary_left_after_copy_up(union):
+    _lower_file(union, "a/b/c/f")
+    union.mount()
+    (union / "a/b/c/f").write_text("new")
+    work = union["up"] / ".wh..wh.pyunion"
+    assert os.listdir(work) == []
+    union.umount()
+    assert not work.exists(), "the work area is removed at unmount"
+
+
+def test_read_only_open_does_not_copy_up(union):
+    _lower_file(union, "f")
+    union.mount()
+    assert (union / "f").read_bytes() == b"lower data"
+    os.stat(union / "f")
+    assert not (union["up"] / "f").exists()
+
+
+def test_mmap_write_through_copy_up(union):
+    import mmap
+    _lower_file(union, "m", b"0123456789")
+    union.mount()
+    with open(union / "m", "r+b") as f:
+        with mmap.mmap(f.fileno(), 10) as m:
+            m[0:3] = b"abc"
+            m.flush()
+    assert (union / "m").read_bytes() == b"abc3456789"
+    union.umount()
+    assert (union["up"] / "m").read_bytes() == b"abc3456789"
+    assert (union["low"] / "m").read_bytes() == b"0123456789"
