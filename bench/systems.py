@@ -168,8 +168,10 @@ class _Fuse(_Layered):
         deadline = time.monotonic() + MOUNT_TIMEOUT
         while not is_mounted(mnt):
             if proc.poll() is not None or time.monotonic() > deadline:
+                status = "timed out" if proc.returncode is None else f"exit {proc.returncode}"
+                message = f"{self.label} did not mount ({status}): {self._last_log_line(top)}"
                 self.unmount(mounted)
-                raise MountError(f"{self.label} did not mount: {self._last_log_line(top)}")
+                raise MountError(message)
             time.sleep(0.005)
         return mounted
 
