@@ -106,9 +106,15 @@ def make_union(tmp_path):
     """make_union(("up", "rw"), ("low", "ro+wh"), options=[...]) -> UnionMount (not yet mounted)."""
     mounts = []
 
-    def make(*branches, options=(), name="u"):
+    def make(*branches, options=(), name="u", shared=False):
         base = tmp_path / name
         base.mkdir(exist_ok=True)
+        if shared:  # other users will use it: let them reach it, and let FUSE let them in
+            p = base
+            while p != p.parent:
+                os.chmod(p, os.stat(p).st_mode | 0o011)
+                p = p.parent
+            options = [*options, "allow_other"]
         m = UnionMount(base, branches or [("up", "rw"), ("low", "ro+wh")], options)
         mounts.append(m)
         return m
@@ -124,6 +130,12 @@ def make_union(tmp_path):
         while time.monotonic() < deadline and m.log.exists() and "unmounted" not in m.log.read_text():
             time.sleep(0.05)
         m.check_log()
+
+
+@pytest.fixture
+def shared_union(make_union):
+    """Like union, but reachable by other users (allow_other)."""
+    return make_union(shared=True)
 
 
 @pytest.fixture

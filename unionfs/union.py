@@ -458,7 +458,19 @@ class Union:
         new = syscalls.lstat_at(pfd, node.name)
         self.origin[(new.st_dev, new.st_ino)] = node.key
         node.branch = t
-        node.aliases = None  # names still in lower branches are linked when they are copied
+        self._link_aliases(node, t, pfd)
+
+    def _link_aliases(self, node: Node, t: int, pfd: int) -> None:
+        """Other known names of a copied-up hard-linked file become links to the copy (pseudo-links)."""
+        for path, parent in list((node.aliases or {}).items()):
+            name = path.rpartition(b"/")[2]
+            try:
+                afd = self.ensure_dir(t, parent)
+                if not syscalls.exists_at(afd, name):
+                    os.link(node.name, name, src_dir_fd=pfd, dst_dir_fd=afd, follow_symlinks=False)
+            except OSError as e:
+                log.warning("cannot link %r to its copied-up hard link: %s", path, e)
+                del node.aliases[path]
 
     def _publish(self, job: CopyJob, pfd: int, name: bytes) -> None:
         """Rename a finished copy into place; the parent keeps its times, as a copy is no change."""

@@ -1,0 +1,57 @@
+"""Hard links and inode numbers: unique, stable across copy-up, shared by a lower file's names."""
+
+import os
+
+
+def test_link_to_lower_file_copies_up(union):
+    (union["low"] / "f").write_text("x")
+    union.mount()
+    os.link(union / "f", union / "g")
+    assert os.stat(union / "f").st_nlink == 2 and os.stat(union / "g").st_nlink == 2
+    assert os.stat(union / "f").st_ino == os.stat(union / "g").st_ino
+    assert os.stat(union["up"] / "f").st_ino == os.stat(union["up"] / "g").st_ino
+    assert os.stat(union["low"] / "f").st_nlink == 1
+    with open(union / "g", "a") as f:
+        f.write("y")
+    assert (union / "f").read_text() == "xy"
+
+
+def test_lower_hard_links_share_one_inode_and_writes(union):
+    (union["low"] / "a").write_text("same")
+    os.link(union["low"] / "a", union["low"] / "b")
+    union.mount()
+    assert os.stat(union / "a").st_ino == os.stat(union / "b").st_ino
+    with open(union / "a", "a") as f:
+        f.write("+a")
+    assert (union / "b").read_text() == "same+a"
+    with open(union / "b", "a") as f:
+        f.write("+b")
+    assert (union / "a").read_text() == "same+a+b"
+    assert os.stat(union["up"] / "a").st_ino == os.stat(union["up"] / "b").st_ino
+    assert (union["low"] / "a").read_text() == "same"
+
+
+def test_inode_numbers_unique_and_stable_across_copy_up(union):
+    for i in range(50):
+        (union["low"] / f"l{i}").write_text("l")
+        (union["up"] / f"u{i}").write_text("u")
+    (union["low"] / "d").mkdir()
+    union.mount()
+    inos = {n: os.lstat(union / n).st_ino for n in os.listdir(union.mnt)}
+    assert len(set(inos.values())) == len(inos)
+    listed = {e.name: e.inode() for e in os.scandir(union.mnt)}
+    assert listed == inos
+    (union / "l7").write_text("changed")  # copy-up
+    (union / "d" / "new").write_text("n")  # copies the directory up
+    assert os.lstat(union / "l7").st_ino == inos["l7"]
+    assert os.lstat(union / "d").st_ino == inos["d"]
+    assert os.lstat(union.mnt).st_ino == 1 or os.lstat(union.mnt).st_ino not in inos.values()
+
+
+def test_link_count_after_unlink(union):
+    union.mount()
+    (union / "a").write_text("x")
+    os.link(union / "a", union / "b")
+    os.unlink(union / "a")
+    assert os.stat(union / "b").st_nlink == 1
+    assert (union / "b").read_text() == "x"

@@ -1,0 +1,158 @@
+"""What every local filesystem does: nodes, symlinks, ownership, statfs, xattrs, sync, read-only."""
+
+import errno
+import os
+import stat
+
+import pytest
+
+from conftest import as_user
+
+
+def test_mknod_symlink_readlink(union):
+    union.mount()
+    os.mknod(union / "fifo", stat.S_IFIFO | 0o644)
+    os.mknod(union / "dev", stat.S_IFCHR | 0o600, os.makedev(1, 5))
+    os.symlink("/etc/passwd", union / "abs")
+    assert stat.S_ISFIFO(os.lstat(union["up"] / "fifo").st_mode)
+    assert os.lstat(union / "dev").st_rdev == os.makedev(1, 5)
+    assert os.readlink(union / "abs") == "/etc/passwd"
+    assert os.readlink(union["up"] / "abs") == "/etc/passwd"
+    with pytest.raises(OSError) as e:
+        os.mknod(union / "wh", stat.S_IFCHR | 0o600, 0)  # overlayfs' whiteout spelling
+    assert e.value.errno == errno.EPERM
+
+
+def test_new_entries_owned_by_caller_and_setgid_honoured(shared_union, test_user):
+    union = shared_union
+    uid, gid = test_user
+    union.mount()
+    os.chmod(union.mnt, 0o777)
+    os.mkdir(union / "shared")
+    os.chown(union / "shared", 0, 4000)
+    os.chmod(union / "shared", 0o2777)
+
+    def work():
+        open(union / "mine", "w").close()
+        os.mkdir(union / "shared" / "sub")
+        open(union / "shared" / "f", "w").close()
+
+    assert as_user(uid, gid, work) == 0
+    st = os.lstat(union["up"] / "mine")
+    assert (st.st_uid, st.st_gid) == (uid, gid)
+    assert os.lstat(union / "shared" / "f").st_gid == 4000
+    sub = os.lstat(union["up"] / "shared" / "sub")
+    assert sub.st_gid == 4000 and sub.st_mode & stat.S_ISGID and sub.st_uid == uid
+
+
+def test_permissions_enforced_by_kernel(shared_union, test_user):
+    union = shared_union
+    uid, gid = test_user
+    (union["low"] / "secret").write_text("s")
+    os.chmod(union["low"] / "secret", 0o600)
+    union.mount()
+
+    def peek():
+        open(union / "secret").read()
+
+    def list_root():
+        os.listdir(union.mnt)
+
+    assert as_user(uid, gid, list_root) == 0  # the user can reach the mount...
+    assert as_user(uid, gid, peek) != 0  # ...but not a file its mode forbids
+
+
+def test_statfs_lowers_namemax(union):
+    union.mount()
+    assert os.statvfs(union.mnt).f_namemax == os.statvfs(union["up"]).f_namemax - 4
+    longest = "n" * os.statvfs(union.mnt).f_namemax
+    (union / longest).write_text("ok")
+    with pytest.raises(OSError) as e:
+        (union / (longest + "x")).write_text("no")
+    assert e.value.errno == errno.ENAMETOOLONG
+
+
+def test_internal_xattrs_hidden(union):
+    (union["low"] / "d").mkdir()
+    os.setxattr(union["low"] / "d", "trusted.overlay.opaque", b"n")
+    os.setxattr(union["low"] / "d", "user.visible", b"v")
+    union.mount()
+    names = os.listxattr(union / "d")
+    assert "user.visible" in names and not any("overlay" in n for n in names)
+    with pytest.raises(OSError):
+        os.setxattr(union / "d", "trusted.overlay.opaque", b"y")
+
+
+def test_fsync_and_fsyncdir(union):
+    union.mount()
+    fd = os.open(union / "f", os.O_CREAT | os.O_WRONLY, 0o644)
+    os.write(fd, b"data")
+    os.fsync(fd)
+    os.fdatasync(fd)
+    os.close(fd)
+    dfd = os.open(union.mnt, os.O_RDONLY | os.O_DIRECTORY)
+    os.fsync(dfd)
+    os.close(dfd)
+    assert (union["up"] / "f").read_bytes() == b"data"
+
+
+def test_access(union):
+    (union["low"] / "x").write_text("#!/bin/sh\n")
+    os.chmod(union["low"] / "x", 0o755)
+    union.mount()
+    assert os.access(union / "x", os.X_OK | os.R_OK)
+    assert os.access(union / "x", os.W_OK)
+
+
+def test_read_only_union(make_union):
+    u = make_union(("a", "ro+wh"), ("b", "ro+wh"))
+    (u["a"] / "f").write_text("x")
+    u.mount()
+    assert (u / "f").read_text() == "x"
+    for act in (lambda: (u / "f").write_text("y"), lambda: os.mkdir(u / "d"),
+                lambda: os.unlink(u / "f"), lambda: os.chmod(u / "f", 0o600)):
+        with pytest.raises(OSError) as e:
+            act()
+        assert e.value.errno == errno.EROFS
+    assert os.listdir(u["a"]) == ["f"]
+
+
+def test_ro_mount_option(union):
+    (union["low"] / "f").write_text("x")
+    union.mount("ro")
+    with pytest.raises(OSError) as e:
+        (union / "g").write_text("y")
+    assert e.value.errno == errno.EROFS
+    assert os.listdir(union["up"]) == []
+
+
+def test_several_writable_branches(make_union):
+    u = make_union(("top", "rw"), ("mid", "rw"), ("low", "ro+wh"))
+    (u["mid"] / "m").write_text("mid")
+    (u["low"] / "l").write_text("low")
+    (u["low"] / "m2").write_text("low")
+    (u["mid"] / "dir").mkdir()
+    u.mount()
+    with open(u / "m", "a") as f:  # in place on its writable branch
+        f.write("+")
+    assert (u["mid"] / "m").read_text() == "mid+" and not (u["top"] / "m").exists()
+    (u / "new").write_text("n")  # new entries go to the top writable branch
+    assert (u["top"] / "new").exists()
+    (u / "dir" / "inner").write_text("i")
+    assert (u["top"] / "dir" / "inner").exists()
+    os.unlink(u / "m")
+    assert not (u["mid"] / "m").exists() and not (u / "m").exists()
+    (u / "l").write_text("changed")
+    assert (u["top"] / "l").read_text() == "changed" and (u["low"] / "l").read_text() == "low"
+
+
+def test_truncate_and_large_io(union):
+    data = os.urandom(3 << 20)
+    (union["low"] / "big").write_bytes(data)
+    union.mount()
+    assert (union / "big").read_bytes() == data
+    with open(union / "big", "r+b") as f:
+        f.truncate(1 << 20)
+        f.seek(0, 2)
+        f.write(b"tail")
+    assert (union / "big").read_bytes() == data[: 1 << 20] + b"tail"

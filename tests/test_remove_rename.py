@@ -1,0 +1,163 @@
+"""Deletion (whiteouts, rmdir, opaque re-creation) and rename, including merged directories."""
+
+import ctypes
+import errno
+import os
+
+import pytest
+
+from unionfs.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+def renameat2(old, new, flags):
+    if libc.renameat2(-100, os.fsencode(old), -100, os.fsencode(new), ctypes.c_uint(flags)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def test_unlink_lower_leaves_whiteout(union):
+    (union["low"] / "f").write_text("x")
+    union.mount()
+    os.unlink(union / "f")
+    assert not (union / "f").exists()
+    assert (union["up"] / ".wh.f").exists()
+    assert (union["low"] / "f").read_text() == "x"
+    union.remount()
+    assert not (union / "f").exists() and os.listdir(union.mnt) == []
+
+
+def test_unlink_upper_only_leaves_no_whiteout(union):
+    union.mount()
+    (union / "new").write_text("n")
+    os.unlink(union / "new")
+    assert os.listdir(union["up"]) == [".wh..wh.pyunion"] or os.listdir(union["up"]) == []
+
+
+def test_unlink_copied_up_file_whiteouts_lower(union):
+    (union["low"] / "f").write_text("x")
+    union.mount()
+    (union / "f").write_text("changed")
+    os.unlink(union / "f")
+    assert not (union / "f").exists()
+    assert not (union["up"] / "f").exists() and (union["up"] / ".wh.f").exists()
+
+
+def test_rmdir_requires_empty_merged_view(union):
+    (union["low"] / "d").mkdir()
+    (union["low"] / "d" / "f").write_text("x")
+    union.mount()
+    with pytest.raises(OSError) as e:
+        os.rmdir(union / "d")
+    assert e.value.errno == errno.ENOTEMPTY
+    os.unlink(union / "d" / "f")
+    os.rmdir(union / "d")
+    assert not (union / "d").exists()
+    assert (union["up"] / ".wh.d").exists() and not (union["up"] / "d").exists()
+    assert (union["low"] / "d" / "f").exists()
+
+
+def test_recreated_directory_is_opaque(union):
+    (union["low"] / "d").mkdir()
+    (union["low"] / "d" / "old").write_text("x")
+    union.mount()
+    os.unlink(union / "d" / "old")
+    os.rmdir(union / "d")
+    os.mkdir(union / "d")
+    assert os.listdir(union / "d") == []
+    assert (union["up"] / "d" / ".wh..wh..opq").exists()
+    assert not (union["up"] / ".wh.d").exists()
+    union.remount()
+    assert os.listdir(union / "d") == []
+
+
+def test_recreated_file_replaces_whiteout(union):
+    (union["low"] / "f").write_text("old")
+    union.mount()
+    os.unlink(union / "f")
+    (union / "f").write_text("new")
+    assert (union / "f").read_text() == "new"
+    assert not (union["up"] / ".wh.f").exists()
+
+
+def test_rename_lower_file(union):
+    (union["low"] / "a").write_text("A")
+    union.mount()
+    os.rename(union / "a", union / "b")
+    assert (union / "b").read_text() == "A" and not (union / "a").exists()
+    assert (union["up"] / ".wh.a").exists() and (union["up"] / "b").read_text() == "A"
+    assert (union["low"] / "a").read_text() == "A"
+
+
+def test_rename_merged_directory(union):
+    for b, names in (("up", ["u1"]), ("low", ["l1", "sub/l2"])):
+        (union[b] / "d" / "sub").mkdir(parents=True)
+        for n in names:
+            (union[b] / "d" / n).write_text(n)
+    (union["low"] / "elsewhere").mkdir()
+    (union["low"] / "elsewhere" / "x").write_text("x")
+    union.mount()
+    os.rename(union / "d", union / "elsewhere2")
+    assert sorted(os.listdir(union / "elsewhere2")) == ["l1", "sub", "u1"]
+    assert (union / "elsewhere2" / "sub" / "l2").read_text() == "sub/l2"
+    assert not (union / "d").exists()
+    # renaming onto an empty lower directory: its hidden content must not show through
+    os.unlink(union / "elsewhere" / "x")
+    os.rename(union / "elsewhere2", union / "elsewhere")
+    assert sorted(os.listdir(union / "elsewhere")) == ["l1", "sub", "u1"]
+    union.remount()
+    assert sorted(os.listdir(union / "elsewhere")) == ["l1", "sub", "u1"]
+    assert not (union / "d").exists() and not (union / "elsewhere2").exists()
+    assert (union["low"] / "d" / "sub" / "l2").exists()
+
+
+def test_mv_lower_directory_with_shell_tools(union):
+    (union["low"] / "pkg" / "lib").mkdir(parents=True)
+    (union["low"] / "pkg" / "lib" / "mod.py").write_text("code")
+    union.mount()
+    import subprocess
+    subprocess.run(["mv", union / "pkg", union / "pkg.old"], check=True)
+    assert (union / "pkg.old" / "lib" / "mod.py").read_text() == "code"
+
+
+def test_rename_noreplace(union):
+    (union["low"] / "a").write_text("A")
+    (union["low"] / "b").write_text("B")
+    union.mount()
+    with pytest.raises(OSError) as e:
+        renameat2(union / "a", union / "b", RENAME_NOREPLACE)
+    assert e.value.errno == errno.EEXIST
+    renameat2(union / "a", union / "c", RENAME_NOREPLACE)
+    assert (union / "c").read_text() == "A"
+
+
+def test_rename_exchange(union):
+    (union["low"] / "a").write_text("A")
+    (union["low"] / "d").mkdir()
+    (union["low"] / "d" / "inner").write_text("i")
+    union.mount()
+    renameat2(union / "a", union / "d", RENAME_EXCHANGE)
+    assert (union / "d").read_text() == "A"
+    assert (union / "a" / "inner").read_text() == "i"
+    union.remount()
+    assert (union / "d").read_text() == "A" and os.listdir(union / "a") == ["inner"]
+
+
+def test_rename_over_non_empty_directory_fails(union):
+    (union["low"] / "a").mkdir()
+    (union["low"] / "b").mkdir()
+    (union["low"] / "b" / "x").write_text("x")
+    union.mount()
+    with pytest.raises(OSError) as e:
+        os.rename(union / "a", union / "b")
+    assert e.value.errno in (errno.ENOTEMPTY, errno.EEXIST)
+
+
+def test_rename_replaces_lower_file(union):
+    (union["low"] / "a").write_text("A")
+    (union["low"] / "b").write_text("B")
+    union.mount()
+    os.rename(union / "a", union / "b")
+    assert (union / "b").read_text() == "A"
+    assert sorted(os.listdir(union.mnt)) == ["b"]
