@@ -5,7 +5,6 @@ import shutil
 import tempfile
 
 import pytest
-
 from conftest import as_user, is_mounted, pyunion, tree
 
 

@@ -5,7 +5,6 @@ import os
 import stat
 
 import pytest
-
 from conftest import as_user
 
 
