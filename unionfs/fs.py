@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 # copy-ups of files at least this big run in a worker thread, so the mount keeps serving
 THREAD_COPY_BYTES = 1 << 20
 PID_XATTR = b"pyunion.pid"
+# setting this on the mount root raises an unexpected exception in the handler: lets the tests
+# check that the daemon answers EIO and keeps serving
+SELFTEST_XATTR = b"pyunion.selftest.fail"
 
 
 def _handler(fn):
@@ -345,9 +348,11 @@ class UnionOperations(pyfuse3.Operations):
 
     @_handler
     async def setxattr(self, inode, name, value, ctx):
-        if name == CONTROL_XATTR and inode == ROOT_INO:
+        if inode == ROOT_INO and name == CONTROL_XATTR:
             self._refresh()
             return
+        if inode == ROOT_INO and name == SELFTEST_XATTR:
+            raise RuntimeError("self-test failure requested through " + name.decode())
         node = self._node(inode)
         await self._copy_up(node)
         self.union.setxattr(node, name, value)
