@@ -387,9 +387,14 @@ class UnionOperations(pyfuse3.Operations):
         """Drop every cache after branches were edited directly (`pyunion refresh`)."""
         nodes = self.union.refresh()
         log.info("refresh: dropping cached state of %d inodes", len(nodes))
+        names: set[tuple[int, bytes]] = set()
         for node in nodes:
             if node.ino != ROOT_INO and node.parent is not None:
-                pyfuse3.invalidate_entry_async(node.parent.ino, node.name, ignore_enoent=True)
+                names.add((node.parent.ino, node.name))
+            if node.is_dir:  # names the kernel may hold as absent: everything the branches hold now
+                names.update((node.ino, n) for n in self.union.branch_names(node))
+        for parent_ino, name in names:
+            pyfuse3.invalidate_entry_async(parent_ino, name, ignore_enoent=True)
         inos = [n.ino for n in nodes]
         trio.lowlevel.spawn_system_task(self._invalidate_inodes, inos)
 

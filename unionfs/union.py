@@ -916,6 +916,22 @@ class Union:
             finally:
                 os.close(fd)
 
+    def branch_names(self, node: Node) -> set[bytes]:
+        """Every name any branch holds in directory NODE (whiteouts as the names they hide)."""
+        names: set[bytes] = set()
+        for b in self.layers(node):
+            pfd = self.dirs.lookup(b, node.path)
+            if pfd is None:
+                continue
+            fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
+            try:
+                for name in map(os.fsencode, os.listdir(fd)):
+                    names.add(whited_out(name) or name)
+            finally:
+                os.close(fd)
+        names.discard(OPAQUE)
+        return names
+
     def refresh(self) -> list[Node]:
         """Forget what is cached about the branches (after they were edited directly)."""
         self.dirs.clear()

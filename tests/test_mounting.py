@@ -1,0 +1,130 @@
+"""Ways to mount and unmount: overlay-style options, mount(8), fstab, signals, refresh."""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import PYUNION, is_mounted, pyunion
+
+
+@pytest.fixture
+def layers(tmp_path):
+    for d in ("l1", "l2", "up", "work", "mnt"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "l1" / "top").write_text("l1")
+    (tmp_path / "l2" / "top").write_text("l2")
+    (tmp_path / "l2" / "base").write_text("l2")
+    (tmp_path / "l1" / ".wh.gone").write_text("")
+    (tmp_path / "l2" / "gone").write_text("hidden by l1")
+    yield tmp_path
+    if is_mounted(tmp_path / "mnt"):
+        subprocess.run(["fusermount3", "-u", "-z", tmp_path / "mnt"])
+
+
+def _check_union(t, writable=True):
+    m = t / "mnt"
+    assert sorted(os.listdir(m)) == ["base", "top"]
+    assert (m / "top").read_text() == "l1"
+    if writable:
+        (m / "base").write_text("changed")
+        assert (t / "up" / "base").read_text() == "changed"
+        assert (t / "l2" / "base").read_text() == "l2"
+
+
+def _overlay_opts(t):
+    return f"lowerdir={t}/l1:{t}/l2,upperdir={t}/up,workdir={t}/work"
+
+
+def test_containers_storage_form(layers):
+    r = pyunion("-o", _overlay_opts(layers), layers / "mnt")
+    assert r.returncode == 0, r.stderr
+    _check_union(layers)
+    (layers / "mnt" / "new").write_text("n")
+    assert os.listdir(layers / "work" / "pyunion") == []  # the work area lives in workdir
+    assert not (layers / "up" / ".wh..wh.pyunion").exists()
+    assert pyunion("umount", layers / "mnt").returncode == 0
+
+
+def test_mount_t_fuse_pyunion(layers):
+    assert os.path.exists("/usr/local/bin/pyunion"), "run .ci/setup: mount(8) needs pyunion on its PATH"
+    r = subprocess.run(["mount", "-t", "fuse.pyunion", "none", layers / "mnt", "-o", _overlay_opts(layers)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "fuse.pyunion" in open("/proc/self/mounts").read()
+    _check_union(layers)
+    subprocess.run(["umount", layers / "mnt"], check=True)
+    assert not is_mounted(layers / "mnt")
+
+
+def test_fstab_line(layers):
+    fstab = layers / "fstab"
+    fstab.write_text(f"none {layers}/mnt fuse.pyunion {_overlay_opts(layers)},nodev,noauto 0 0\n")
+    r = subprocess.run(["mount", "-T", fstab, layers / "mnt"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    _check_union(layers)
+    subprocess.run(["umount", layers / "mnt"], check=True)
+
+
+def test_lowerdir_alone_is_read_only(layers):
+    r = pyunion("-o", f"lowerdir={layers}/l1:{layers}/l2", layers / "mnt")
+    assert r.returncode == 0, r.stderr
+    _check_union(layers, writable=False)
+    with pytest.raises(OSError):
+        (layers / "mnt" / "x").write_text("no")
+    assert pyunion("umount", layers / "mnt").returncode == 0
+
+
+def test_unknown_overlay_option_warns_once(layers):
+    r = pyunion("-o", _overlay_opts(layers) + ",index=on,metacopy=off", layers / "mnt")
+    assert r.returncode == 0
+    assert r.stderr.strip() == "pyunion: ignoring unknown option(s): index=on,metacopy=off"
+    assert pyunion("umount", layers / "mnt").returncode == 0
+
+
+def test_sigterm_unmounts_cleanly(union):
+    union.mount()
+    pid = union.daemon_pid()
+    (union / "f").write_text("x")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while is_mounted(union.mnt) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not is_mounted(union.mnt)
+    assert (union["up"] / "f").read_text() == "x"
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}/cmdline") and \
+            open(f"/proc/{pid}/cmdline").read():
+        time.sleep(0.05)
+    assert not (union["up"] / ".wh..wh.pyunion").exists()
+
+
+def test_foreground_mode(union):
+    (union["low"] / "f").write_text("fg")
+    proc = subprocess.Popen([*PYUNION, "mount", "-f", "-o", f"logfile={union.log}", union.spec, union.mnt])
+    try:
+        deadline = time.monotonic() + 10
+        while not is_mounted(union.mnt) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (union / "f").read_text() == "fg"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(10) == 0
+        assert not is_mounted(union.mnt)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_refresh_sees_direct_branch_edits(union):
+    (union["low"] / "old").write_text("1")
+    union.mount()
+    assert os.listdir(union.mnt) == ["old"]
+    assert not (union / "later").exists()  # now cached as absent
+    (union["low"] / "later").write_text("2")
+    (union["low"] / "old").write_text("changed directly")
+    r = pyunion("refresh", union.mnt)
+    assert r.returncode == 0, r.stderr
+    assert (union / "later").read_text() == "2"
+    assert (union / "old").read_text() == "changed directly"
+    assert sorted(os.listdir(union.mnt)) == ["later", "old"]
