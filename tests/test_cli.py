@@ -5,6 +5,7 @@ import shutil
 import tempfile
 
 import pytest
+
 from conftest import as_user, is_mounted, pyunion, tree
 
 
