@@ -27,7 +27,9 @@ class Hierarchy:
     @property
     def container_dir(self) -> str:
         """Where the container mounts this hierarchy, relative to /sys/fs/cgroup."""
-        return os.path.relpath(self.mountpoint, CGROUP_ROOT) if self.mountpoint != CGROUP_ROOT else ""
+        return (
+            os.path.relpath(self.mountpoint, CGROUP_ROOT) if self.mountpoint != CGROUP_ROOT else ""
+        )
 
     @property
     def mount_data(self) -> str | None:
@@ -192,7 +194,10 @@ class Cgroup:
                 settings += [("memory.limit_in_bytes", str(limits.memory), True)]
                 settings += [("memory.memsw.limit_in_bytes", str(limits.memory), False)]
             else:
-                settings += [("memory.max", str(limits.memory), True), ("memory.swap.max", "0", False)]
+                settings += [
+                    ("memory.max", str(limits.memory), True),
+                    ("memory.swap.max", "0", False),
+                ]
         if "cpu" in needed:
             quota = max(1000, int(limits.cpus * CPU_PERIOD))
             if h.version == 1:

@@ -19,11 +19,28 @@ usage: pyunion run [OPTIONS] ROOTFS|IMAGE [-- CMD [ARG...]]
   --net host|none   --memory SIZE   --cpus N   --pids-limit N   -t   --chroot
 """
 VALUE_OPTIONS = {
-    "--hostname", "-e", "--env", "-w", "--workdir", "-u", "--user", "-v", "--volume",
-    "--net", "--network", "--memory", "-m", "--cpus", "--pids-limit", "--rw", "--name",
+    "--hostname",
+    "-e",
+    "--env",
+    "-w",
+    "--workdir",
+    "-u",
+    "--user",
+    "-v",
+    "--volume",
+    "--net",
+    "--network",
+    "--memory",
+    "-m",
+    "--cpus",
+    "--pids-limit",
+    "--rw",
+    "--name",
 }
 FLAG_OPTIONS = {"-t", "--tty", "--chroot", "-h", "--help"}
-HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+HOSTNAME_RE = re.compile(
+    r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
 ENV_KEY_RE = re.compile(r"^[^=\0]+$")
 USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]*)?$")
 
@@ -57,7 +74,9 @@ def split_options(argv: list[str]) -> tuple[list[tuple[str, str | None]], str, l
     if i < len(argv) and argv[i] == "--":
         i += 1
     if i >= len(argv):
-        raise UsageError("no ROOTFS or IMAGE given (usage: pyunion run [OPTIONS] ROOTFS [-- CMD [ARG...]])")
+        raise UsageError(
+            "no ROOTFS or IMAGE given (usage: pyunion run [OPTIONS] ROOTFS [-- CMD [ARG...]])"
+        )
     rootfs, rest = argv[i], argv[i + 1 :]
     if rest and rest[0] == "--":
         rest = rest[1:]

@@ -288,21 +288,38 @@ class Runner:
         return code
 
     def _start_union(self, mnt: str, init: str, rw: str) -> subprocess.Popen:
+        """Serve the union on mnt (the daemon's log goes to a file, shown only on failure)."""
         branches = [BranchSpec(rw, RW), BranchSpec(init, RO_WH), *self.spec.layers]
         before = os.stat(mnt).st_dev
         cmd = [sys.executable, "-m", "unionfs", "mount", "-f", "-o", "allow_other"]
         cmd += [format_branches(branches), mnt]
-        daemon = subprocess.Popen(cmd, cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        with open(self._log_path(), "wb") as log:
+            daemon = subprocess.Popen(
+                cmd, cwd="/", stdin=subprocess.DEVNULL, stdout=log, stderr=log
+            )
         deadline = time.monotonic() + MOUNT_TIMEOUT
         while os.stat(mnt).st_dev == before:
             if daemon.poll() is not None:
-                raise RunError(f"the union filesystem did not mount (exit status {daemon.returncode})")
+                raise RunError(f"the union filesystem did not mount: {self._last_log_line()}")
             if time.monotonic() > deadline:
                 daemon.kill()
                 daemon.wait()
                 raise RunError("the union filesystem did not come up in time")
             time.sleep(0.02)
         return daemon
+
+    def _log_path(self) -> str:
+        return os.path.join(self.workspace, "union.log")
+
+    def _last_log_line(self) -> str:
+        try:
+            with open(self._log_path(), errors="replace") as f:
+                text = [line.strip() for line in f if line.strip()]
+        except OSError:
+            text = []
+        if not text:
+            return "no message"
+        return text[-1].removeprefix("pyunion: ")
 
     def _stop_union(self, mnt: str, daemon: subprocess.Popen) -> None:
         try:
@@ -315,6 +332,8 @@ class Runner:
         except subprocess.TimeoutExpired:
             daemon.kill()
             daemon.wait()
+        if daemon.returncode != 0:
+            _say(f"the union filesystem failed: {self._last_log_line()}")
 
     # --- spawner: new namespaces, parent of the container's pid 1 ------------------------
 

@@ -10,9 +10,7 @@ DEFAULT_RESOLV = "nameserver 127.0.0.1\n"
 
 def hosts_text(hostname: str) -> str:
     return (
-        "127.0.0.1\tlocalhost\n"
-        "::1\tlocalhost ip6-localhost ip6-loopback\n"
-        f"127.0.1.1\t{hostname}\n"
+        f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
     )
 
 

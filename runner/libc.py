@@ -87,7 +87,9 @@ def _syscall_number(name: str) -> int:
 
 
 def pivot_root(new_root, put_old) -> None:
-    res = _libc.syscall(ctypes.c_long(_syscall_number("pivot_root")), _path(new_root), _path(put_old))
+    res = _libc.syscall(
+        ctypes.c_long(_syscall_number("pivot_root")), _path(new_root), _path(put_old)
+    )
     _check(res, "pivot_root")
 
 
