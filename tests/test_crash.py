@@ -1,0 +1,64 @@
+"""A big copy-up neither stalls the mount nor, when the daemon is killed, leaves a half copy."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import force_unmount, is_mounted
+
+SIZE = 1 << 30
+
+
+def _write_big(path):
+    chunk = bytes(range(256)) * 4096  # 1 MiB
+    with open(path, "wb") as f:
+        for _ in range(SIZE // len(chunk)):
+            f.write(chunk)
+    return chunk
+
+
+def _wait_for_partial_copy(work, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            for name in os.listdir(work):
+                size = os.lstat(work / name).st_size
+                if 0 < size < SIZE:
+                    return work / name
+        except FileNotFoundError:
+            pass
+        time.sleep(0.005)
+    raise AssertionError("never saw the copy-up in progress")
+
+
+def test_kill_during_large_copy_up_leaves_old_content(union):
+    chunk = _write_big(union["low"] / "big")
+    (union["low"] / "other").write_text("served meanwhile")
+    union.mount()
+    pid = union.daemon_pid()
+    writer = subprocess.Popen([sys.executable, "-c", f"open({str(union / 'big')!r}, 'ab').write(b'NEW')"],
+                              stderr=subprocess.DEVNULL)
+    try:
+        tmp = _wait_for_partial_copy(union["up"] / ".wh..wh.pyunion")
+        # the mount keeps serving while the copy runs in a worker thread
+        assert (union / "other").read_text() == "served meanwhile"
+        assert sorted(os.listdir(union.mnt)) == ["big", "other"]
+        assert 0 < os.lstat(tmp).st_size < SIZE, "the copy-up finished before the other requests"
+        os.kill(pid, signal.SIGKILL)
+        writer.wait(30)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+    force_unmount(union.mnt)
+    assert not is_mounted(union.mnt)
+    assert not (union["up"] / "big").exists(), "a half-made copy was published"
+    union.mount()  # a new daemon cleans the work area
+    assert os.listdir(union["up"] / ".wh..wh.pyunion") == []
+    assert os.path.getsize(union / "big") == SIZE
+    with open(union / "big", "rb") as f:
+        assert f.read(len(chunk)) == chunk
+        f.seek(SIZE - len(chunk))
+        assert f.read() == chunk
+    assert os.path.getsize(union["low"] / "big") == SIZE
