@@ -143,6 +143,28 @@ def layer_entries(upper: str) -> list[layertar.TreeEntry]:
     return list(entries.values())
 
 
+def rootless_owner_map():
+    """For a rootless commit: host ids back to container ids, inverting the runner's id mapping.
+
+    The caller's uid/gid are the container's 0; with subordinate ranges, subordinate id
+    `start + k` is container id `1 + k`. Other ids are kept. As root, ids are written as stored.
+    """
+    if os.geteuid() == 0:
+        return None
+    from runner.idmap import plan_mapping
+
+    mapping = plan_mapping(os.getuid(), os.getgid())
+
+    def back(host: int, own: int, sub) -> int:
+        if host == own:
+            return 0
+        if sub is not None and sub.start <= host < sub.start + sub.count:
+            return 1 + host - sub.start
+        return host
+
+    return lambda uid, gid: (back(uid, mapping.uid, mapping.subuid), back(gid, mapping.gid, mapping.subgid))
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -155,7 +177,7 @@ def commit_layer(store: Store, upper: str, image: Image, new_name: str | None, c
         staged = store.staging_dir("l-")
         tar_path = os.path.join(staged, "layer.tar")
         with open(tar_path, "wb") as f, Progress(f"committing {new_name or ''}".strip(), total) as bar:
-            diff_id, size = layertar.write_layer_tar(entries, f, bar.update)
+            diff_id, size = layertar.write_layer_tar(entries, f, bar.update, rootless_owner_map())
         if store.has_layer(diff_id):
             remove_tree(staged)
         else:

@@ -411,14 +411,19 @@ def _xattr_headers(path: str) -> dict[str, str]:
     return headers
 
 
-def write_layer_tar(entries: Iterable[TreeEntry], out, progress=None) -> tuple[str, int]:
-    """Write a deterministic layer tar of `entries` to the binary file `out`; (DiffID, size)."""
+def write_layer_tar(entries: Iterable[TreeEntry], out, progress=None, owner_map=None) -> tuple[str, int]:
+    """Write a deterministic layer tar of `entries` to the binary file `out`; (DiffID, size).
+
+    `owner_map(uid, gid) -> (uid, gid)` translates on-disk owners into the layer's (rootless).
+    """
     writer = HashingWriter(out, progress)
     seen_inodes: dict[tuple[int, int], str] = {}
     with tarfile.open(fileobj=writer, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8") as tar:
         for entry in sorted(entries, key=lambda e: e.path):
             st = os.lstat(entry.source) if entry.source else None
             info = _tarinfo(entry, st)
+            if owner_map is not None and st is not None:
+                info.uid, info.gid = owner_map(info.uid, info.gid)
             if st is not None and info.isreg() and st.st_nlink > 1:
                 key = (st.st_dev, st.st_ino)
                 if key in seen_inodes:

@@ -250,3 +250,34 @@ class mounted:
         if is_mounted(self.mnt):
             subprocess.run(["fusermount3", "-u", "-z", self.mnt], capture_output=True)
         assert not is_mounted(self.mnt)
+
+
+def as_nobody(fn, home: str) -> subprocess.CompletedProcess:
+    """Run fn() -> exit code in a forked child that dropped to uid/gid 65534; its stderr captured.
+
+    Forking (instead of running the command line anew) works wherever the checkout lives.
+    """
+    import runner.images  # noqa: F401  (loaded before the child loses access to the checkout)
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read_end)
+            sys.stderr = open(write_end, "w")  # pytest replaced the original
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            os.environ["PYUNION_HOME"] = home
+            code = fn() or 0
+        except BaseException as e:
+            print(f"pyunion: test child failed: {e!r}", file=sys.stderr)
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        err = f.read()
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    return subprocess.CompletedProcess([], code, b"", err)

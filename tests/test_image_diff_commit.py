@@ -3,9 +3,12 @@
 import json
 import os
 import shutil
+import tarfile
+import tempfile
 
 import pytest
 from test_image_builders import (
+    as_nobody,
     config_for,
     inspect,
     mounted,
@@ -17,6 +20,7 @@ from test_image_builders import (
 )
 
 from runner.store import Store
+from unionfs import cli
 from unionfs.errors import UsageError
 
 EXPECTED_DIFF = """\
@@ -210,3 +214,36 @@ def test_container_contract_errors(tmp_path, home):
     assert sorted(os.listdir(os.path.join(home, "containers"))) == ["web"]
     with open(os.path.join(home, "containers", "web", "container.json")) as f:
         assert json.load(f)["image"] == inspect(home, "busy:1")["Id"]
+
+
+@pytest.fixture
+def shared_dir():
+    """A world-writable directory an unprivileged user can use (pytest's tmp_path is root-only)."""
+    d = tempfile.mkdtemp(prefix="pyunion-rootless-")
+    os.chmod(d, 0o777)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_rootless_commit_maps_the_callers_ids_back_to_root(shared_dir):
+    home = os.path.join(shared_dir, "store")
+    layers = three_layers()[:1]
+    archive = os.path.join(shared_dir, "img.tar")
+    write_docker_save(archive, [(layers, config_for(layers), ["base:1"])])
+    os.chmod(archive, 0o644)
+
+    def work() -> int:
+        assert cli.main(["image", "import", archive]) == 0
+        upper = Store(home).prepare_container("r", "base:1")
+        os.mkdir(os.path.join(upper, "srv"))
+        with open(os.path.join(upper, "srv/f"), "w") as f:
+            f.write("mine\n")
+        return cli.main(["commit", "r", "mine:1"])
+
+    proc = as_nobody(work, home)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert os.stat(os.path.join(home, "containers/r/upper/srv/f")).st_uid == 65534
+    diff_id = inspect(home, "mine:1")["RootFS"]["Layers"][-1]
+    with tarfile.open(os.path.join(home, "layers", diff_id[7:], "layer.tar")) as tar:
+        owners = {m.name: (m.uid, m.gid, m.uname, m.gname) for m in tar.getmembers()}
+    assert owners == {"srv": (0, 0, "", ""), "srv/f": (0, 0, "", "")}

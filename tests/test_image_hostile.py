@@ -3,12 +3,11 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 
 import pytest
 from test_image_builders import (
+    as_nobody,
     busybox_layer,
     config_for,
     layer_tar,
@@ -19,7 +18,6 @@ from test_image_builders import (
     write_docker_save,
 )
 
-import runner.images  # noqa: F401  (loaded before forking a child that drops privileges)
 from unionfs import cli
 
 
@@ -121,26 +119,7 @@ def test_same_tar_entries_replace_each_other_safely(tmp_path, home, outside):
 
 
 def run_as_nobody(args, home):
-    """Run the command line in a forked child that dropped to uid/gid 65534 (no re-exec needed)."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            sys.stderr = open(write_end, "w")  # pytest replaced the original
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-            os.environ["PYUNION_HOME"] = home
-            code = cli.main(args)
-        finally:
-            sys.stderr.flush()
-            os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as f:
-        err = f.read()
-    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    return subprocess.CompletedProcess(args, code, b"", err)
+    return as_nobody(lambda: cli.main(args), home)
 
 
 @pytest.fixture
