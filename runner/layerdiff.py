@@ -131,6 +131,8 @@ def layer_entries(upper: str) -> list[layertar.TreeEntry]:
     """What a commit of `upper` puts in the layer tar: real entries plus OCI whiteout files."""
     entries: dict[bytes, layertar.TreeEntry] = {}
     for e in scan_upper(upper):
+        if e.kind == "file" and stat.S_ISSOCK(e.st.st_mode):
+            continue  # sockets cannot be archived (docker skips them too)
         if e.kind == "file":
             path = b"/".join(e.parts)
             entries[path] = layertar.TreeEntry(path, os.fsdecode(e.path))

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import socket
 import tarfile
 import tempfile
 
@@ -172,7 +173,11 @@ def make_upper(root: str, order: list[str]) -> None:
 def test_commit_is_deterministic_regardless_of_creation_order(home):
     store = Store(home)
     make_upper(store.prepare_container("x1", "busy:1"), ["dir", "file", "wh", "link"])
-    make_upper(store.prepare_container("x2", "busy:1"), ["wh", "dir", "link", "file"])
+    upper2 = store.prepare_container("x2", "busy:1")
+    make_upper(upper2, ["wh", "dir", "link", "file"])
+    with socket.socket(socket.AF_UNIX) as sock:  # a socket left behind is not part of the layer
+        sock.bind(os.path.join(upper2, "srv/app/ctl.sock"))
+        os.utime(os.path.join(upper2, "srv/app"), (1_700_000_000, 1_700_000_000))
     pyunion("commit", "x1", "det:1", home=home)
     pyunion("commit", "x2", "det:2", home=home)
     first, second = inspect(home, "det:1")["RootFS"]["Layers"], inspect(home, "det:2")["RootFS"]["Layers"]
