@@ -1,0 +1,152 @@
+"""Differential test: random operations on pyunion and on kernel overlayfs over the same layers
+must give the same merged view, contents and error numbers."""
+
+import errno
+import os
+import random
+import stat
+import subprocess
+
+import pytest
+
+from conftest import force_unmount, is_mounted
+
+NAMES = ["a", "b", "c", "d1", "d2", "sub"]
+
+
+def _build_layers(l1, l2, rnd):
+    for layer in (l2, l1):
+        for _ in range(25):
+            depth = rnd.randint(0, 2)
+            parts = [rnd.choice(NAMES) for _ in range(depth + 1)]
+            p = layer.joinpath(*parts)
+            try:
+                if rnd.random() < 0.4:
+                    p.mkdir(parents=True, exist_ok=True)
+                else:
+                    p.parent.mkdir(parents=True, exist_ok=True)
+                    if not p.is_dir():
+                        p.write_text(f"{layer.name}:{'/'.join(parts)}")
+            except (FileExistsError, NotADirectoryError):
+                pass
+    # whiteouts and opaque directories in the form both understand
+    for p in list(l1.rglob("*"))[:3]:
+        if p.is_file():
+            p.unlink()
+            os.mknod(p, stat.S_IFCHR | 0o600, 0)
+    for p in l1.rglob("*"):
+        if p.is_dir():
+            os.setxattr(p, "trusted.overlay.opaque", b"y")
+            break
+    os.symlink("a", l2 / "lnk")
+
+
+def _existing(root):
+    out = [""]
+    for dirpath, dirnames, filenames in os.walk(root):
+        out += [os.path.relpath(os.path.join(dirpath, n), root) for n in sorted(dirnames + filenames)]
+    return sorted(out)
+
+
+def _path(rnd, existing):
+    """Mostly an existing entry, else a new name in an existing directory (or a missing one)."""
+    base = rnd.choice(existing)
+    if rnd.random() < 0.6 and base:
+        return base
+    return os.path.join(base, rnd.choice(NAMES + ["new", "x"]))
+
+
+def _op(rnd, existing):
+    kind = rnd.choice(["write", "append", "read", "unlink", "mkdir", "rmdir", "rename", "rename",
+                       "chmod", "symlink", "link", "truncate", "listdir", "stat"])
+    return kind, _path(rnd, existing), _path(rnd, existing), rnd.randint(0, 9999)
+
+
+def _apply(root, op):
+    kind, p, q, n = op
+    a, b = os.path.join(root, p), os.path.join(root, q)
+    try:
+        if kind == "write":
+            with open(a, "w") as f:
+                f.write(f"w{n}")
+        elif kind == "append":
+            with open(a, "a") as f:
+                f.write(f"+{n}")
+        elif kind == "read":
+            with open(a) as f:
+                return ("ok", f.read())
+        elif kind == "unlink":
+            os.unlink(a)
+        elif kind == "mkdir":
+            os.mkdir(a)
+        elif kind == "rmdir":
+            os.rmdir(a)
+        elif kind == "rename":
+            os.rename(a, b)
+        elif kind == "chmod":
+            os.chmod(a, 0o700 | (n & 0o77))
+        elif kind == "symlink":
+            os.symlink(q, a)
+        elif kind == "link":
+            os.link(a, b)
+        elif kind == "truncate":
+            os.truncate(a, n % 7)
+        elif kind == "listdir":
+            return ("ok", sorted(os.listdir(a)))
+        elif kind == "stat":
+            st = os.lstat(a)
+            return ("ok", stat.S_IFMT(st.st_mode), st.st_size if not stat.S_ISDIR(st.st_mode) else 0)
+        return ("ok",)
+    except OSError as e:
+        return ("err", errno.errorcode.get(e.errno, e.errno))
+
+
+def _snapshot(root):
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            rel = os.path.relpath(p, root)
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", os.readlink(p))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", stat.S_IMODE(st.st_mode))
+            else:
+                with open(p, "rb") as f:
+                    out[rel] = ("file", stat.S_IMODE(st.st_mode), f.read())
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5, 6])
+def test_same_behaviour_as_overlayfs(make_union, tmp_path, seed):
+    rnd = random.Random(seed)
+    u = make_union(("up", "rw"), ("l1", "ro+wh"), ("l2", "ro+wh"), name=f"u{seed}")
+    _build_layers(u["l1"], u["l2"], rnd)
+    ovl = tmp_path / f"ovl{seed}"
+    for d in ("up", "work", "mnt"):
+        (ovl / d).mkdir(parents=True)
+    r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        f"lowerdir={u['l1']}:{u['l2']},upperdir={ovl}/up,workdir={ovl}/work,redirect_dir=on",
+                        ovl / "mnt"], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"kernel overlayfs unavailable: {r.stderr.strip()}")
+    try:
+        u.mount()
+        assert _snapshot(u.mnt) == _snapshot(ovl / "mnt")
+        outcomes = {"ok": 0, "err": 0}
+        for i in range(400):
+            op = _op(rnd, _existing(u.mnt))
+            ours, theirs = _apply(u.mnt, op), _apply(ovl / "mnt", op)
+            assert ours == theirs, f"step {i}: {op}: pyunion {ours} != overlayfs {theirs}"
+            outcomes[ours[0]] += 1
+            if i % 25 == 0:
+                assert _snapshot(u.mnt) == _snapshot(ovl / "mnt"), f"after step {i}: {op}"
+        assert _snapshot(u.mnt) == _snapshot(ovl / "mnt")
+        assert outcomes["ok"] > 50 and outcomes["err"] > 20, outcomes  # both paths exercised
+        u.remount()
+        assert _snapshot(u.mnt) == _snapshot(ovl / "mnt"), "differs after remount"
+    finally:
+        subprocess.run(["umount", ovl / "mnt"], capture_output=True)
+        if is_mounted(ovl / "mnt"):
+            force_unmount(ovl / "mnt")
