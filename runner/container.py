@@ -384,6 +384,7 @@ class Runner:
 
     def _init(self, mnt: str, tty_sock, found: list[Hierarchy], own_dirs: dict[str, str]) -> int:
         libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        libc.prctl(libc.PR_SET_DUMPABLE, 0)  # the container cannot reach into pid 1 via /proc/1
         spec = self.spec
         libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
         rootfs.mount_proc(mnt)

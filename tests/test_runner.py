@@ -146,7 +146,7 @@ def plain_user():
             with open(path, "w") as f:
                 f.writelines(lines)
         if created:
-            subprocess.run(["userdel", "-r", TEST_USER], capture_output=True)
+            remove_user(TEST_USER)
 
 
 @pytest.fixture(params=["root", "rootless"])
@@ -187,6 +187,21 @@ def runner(request, rootfs, tmp_path):
     run.marker = marker
     yield run
     kill_marked(marker)
+
+
+def remove_user(name: str) -> None:
+    """userdel, after ending whatever the tests left running as that user."""
+    uid = pwd.getpwnam(name).pw_uid
+    for _ in range(50):
+        for pid in [p for p in os.listdir("/proc") if p.isdigit()]:
+            try:
+                if os.stat(f"/proc/{pid}").st_uid == uid:
+                    os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                pass
+        if subprocess.run(["userdel", "-r", name], capture_output=True).returncode in (0, 12):
+            return
+        time.sleep(0.1)
 
 
 def marked_pids(marker: str) -> list[int]:
@@ -610,3 +625,61 @@ def test_bad_input_is_one_line_and_changes_nothing(runner, rootfs, args):
     err = lines(res.stderr)
     assert len(err) == 1 and err[0].startswith("pyunion: ")
     assert snapshot(rootfs["root"]) == before
+
+
+# --- rootless without subordinate ids ---------------------------------------------------
+
+SINGLE_USER = "pyunion-rt1"
+
+
+@pytest.fixture(scope="module")
+def single_id_user():
+    """A plain user without /etc/subuid or /etc/subgid ranges (only its own id can be mapped)."""
+    subprocess.run(["userdel", "-r", SINGLE_USER], capture_output=True)  # left by a crashed run
+    subprocess.run(["useradd", "-m", "-s", "/bin/sh", SINGLE_USER], check=True, capture_output=True)
+    saved = {}
+    for path in ("/etc/subuid", "/etc/subgid"):
+        with open(path) as f:
+            saved[path] = f.read()
+        with open(path, "w") as f:
+            f.writelines(
+                ln for ln in saved[path].splitlines(True) if not ln.startswith(SINGLE_USER + ":")
+            )
+    fuse_mode = os.stat("/dev/fuse").st_mode & 0o7777
+    os.chmod("/dev/fuse", 0o666)
+    try:
+        yield pwd.getpwnam(SINGLE_USER)
+    finally:
+        os.chmod("/dev/fuse", fuse_mode)
+        remove_user(SINGLE_USER)
+        for path in saved:
+            with open(path) as f:
+                lines_now = [ln for ln in f if not ln.startswith(SINGLE_USER + ":")]
+            with open(path, "w") as f:
+                f.writelines(lines_now)
+
+
+def test_rootless_with_only_its_own_id(single_id_user, rootfs, tmp_path):
+    uid, gid = single_id_user.pw_uid, single_id_user.pw_gid
+    env = _user_env(uid)
+    cmd = [*_python_for(uid), "-m", "unionfs", "run"]
+    rw = tmp_path / "rw"
+    os.makedirs(rw)
+    os.chown(rw, uid, gid)
+
+    def run(*args):
+        return subprocess.run(
+            cmd + list(args), capture_output=True, env=env, user=uid, group=gid,
+            extra_groups=[], cwd="/", timeout=TIMEOUT,
+        )  # fmt: skip
+
+    script = "cat /proc/self/uid_map /proc/self/gid_map; id -u; echo x > /f; ls /dev/pts"
+    res = run("--rw", str(rw), rootfs["root"], "--", "sh", "-c", script)
+    assert res.returncode == 0, res.stderr
+    out = [line.split() for line in lines(res.stdout)]
+    assert out[:3] == [["0", str(uid), "1"], ["0", str(gid), "1"], ["0"]]
+    assert "ptmx" in out[3]
+    assert os.stat(rw / "f").st_uid == uid
+    res = run("-u", "1000", rootfs["root"], "--", "id")
+    assert res.returncode == 2
+    assert len(lines(res.stderr)) == 1 and b"/etc/subuid" in res.stderr
