@@ -81,23 +81,29 @@ def normalize_name(name: str) -> str:
 
 def remove_tree(path: str) -> None:
     """Delete a directory tree, also one whose directories were made read-only (rootless layers)."""
+    if not os.path.lexists(path):
+        return
+    if not os.path.isdir(path) or os.path.islink(path):
+        os.unlink(path)
+        return
+    try:
+        shutil.rmtree(path)
+    except OSError:
+        _unlock_dirs(path)
+        shutil.rmtree(path)
 
-    def unlock(func, p, exc):
-        parent = os.path.dirname(p)
-        for d in (parent, p):
+
+def _unlock_dirs(top: str) -> None:
+    """Give the owner full access to every directory under `top`, top-down."""
+    with contextlib.suppress(OSError):
+        os.chmod(top, stat.S_IMODE(os.lstat(top).st_mode) | stat.S_IRWXU)
+    for dirpath, dirnames, _ in os.walk(top):
+        for d in dirnames:
+            p = os.path.join(dirpath, d)
             with contextlib.suppress(OSError):
-                st = os.lstat(d)
+                st = os.lstat(p)
                 if stat.S_ISDIR(st.st_mode):
-                    os.chmod(d, st.st_mode | stat.S_IRWXU)
-        func(p)
-
-    if os.path.lexists(path):
-        if os.path.isdir(path) and not os.path.islink(path):
-            with contextlib.suppress(OSError):
-                os.chmod(path, os.lstat(path).st_mode | stat.S_IRWXU)
-            shutil.rmtree(path, onerror=unlock)
-        else:
-            os.unlink(path)
+                    os.chmod(p, stat.S_IMODE(st.st_mode) | stat.S_IRWXU)
 
 
 def write_atomic(path: str, data: bytes, tmp_dir: str) -> None:

@@ -2,11 +2,15 @@
 
 import os
 import pty
+import shutil
+import stat
 import subprocess
+import tempfile
 
 import pytest
 from test_image_builders import (
     PYUNION,
+    as_nobody,
     busybox_layer,
     config_for,
     inspect,
@@ -15,6 +19,8 @@ from test_image_builders import (
     sha,
     write_docker_save,
 )
+
+from unionfs import cli
 
 
 @pytest.fixture
@@ -86,3 +92,33 @@ def test_progress_bar_only_on_a_terminal(tmp_path, home):
     assert b"\rimporting layer 1/1" in output and b"6.0/6.0 MB" in output
     code, output = run_with_tty_stderr(["image", "export", "big:1", str(tmp_path / "out.tar")], home)
     assert code == 0 and b"\rexporting big:1" in output
+
+
+@pytest.fixture
+def shared_dir():
+    """A world-writable directory an unprivileged user can use (pytest's tmp_path is root-only)."""
+    d = tempfile.mkdtemp(prefix="pyunion-rootless-")
+    os.chmod(d, 0o777)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_rootless_store_removes_locked_down_directories(shared_dir):
+    home = os.path.join(shared_dir, "store")
+    layer = layer_tar(
+        [("dir", "ro", 0o555), ("file", "ro/f", "x"), ("dir", "closed", 0o000), ("file", "closed/g", "y"), ("dir", "ro/in")]
+    )
+    archive = os.path.join(shared_dir, "img.tar")
+    write_docker_save(archive, [([layer], config_for([layer]), ["locked:1"])])
+    os.chmod(archive, 0o644)
+
+    def work() -> int:
+        assert cli.main(["image", "import", archive]) == 0
+        tree = os.path.join(home, "layers", sha(layer)[7:], "tree")
+        assert stat.S_IMODE(os.stat(os.path.join(tree, "closed")).st_mode) == 0
+        assert stat.S_IMODE(os.stat(os.path.join(tree, "ro")).st_mode) == 0o555
+        return cli.main(["image", "rm", "locked:1"])
+
+    proc = as_nobody(work, home)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert os.listdir(os.path.join(home, "layers")) == [] and os.listdir(os.path.join(home, "tmp")) == []
