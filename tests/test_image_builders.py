@@ -28,6 +28,9 @@ def layer_tar(entries: list[tuple]) -> bytes:
             if kind == "file":
                 data = rest[0] if isinstance(rest[0], bytes) else rest[0].encode()
                 info.size, info.mode = len(data), rest[1] if len(rest) > 1 else 0o644
+                if len(rest) > 2:  # (uid, gid, {xattr: value})
+                    info.uid, info.gid = rest[2], rest[3]
+                    info.pax_headers = {f"SCHILY.xattr.{k}": v for k, v in rest[4].items()}
                 tar.addfile(info, io.BytesIO(data))
                 continue
             if kind == "dir":
@@ -187,9 +190,11 @@ def write_oci_layout(
             f.write(data)
 
 
-def pyunion(*args, home: str, check: bool = True, input: bytes | None = None) -> subprocess.CompletedProcess:
-    """Run the pyunion command line with a private store."""
+def pyunion(*args, home: str, check: bool = True, input: bytes | None = None, path: str | None = None):
+    """Run the pyunion command line with a private store (and optionally another $PATH)."""
     env = dict(os.environ, PYUNION_HOME=home)
+    if path is not None:
+        env["PATH"] = path
     proc = subprocess.run(
         [*PYUNION, *args], env=env, input=input, capture_output=True
     )

@@ -174,3 +174,34 @@ def test_bad_input_gives_one_line_errors(tmp_path, home):
         one_line_error(pyunion(*args, home=home, check=False))
     assert not_tar.read_text() == "hello\n"
     assert store_is_empty(home)
+
+
+def test_zstd_layer_without_zstd_command_is_a_clear_error(tmp_path, home):
+    if not shutil.which("zstd"):
+        pytest.skip("zstd command not installed (apt package zstd)")
+    layers = three_layers()
+    layout = str(tmp_path / "layout")
+    write_oci_layout(layout, layers, config_for(layers), "busy:z", "zstd")
+    empty_path = tmp_path / "empty-bin"
+    empty_path.mkdir()
+    line = one_line_error(pyunion("image", "import", layout, home=home, check=False, path=str(empty_path)))
+    assert "zstd" in line and "not installed" in line
+    assert store_is_empty(home)
+
+
+def test_root_import_applies_exact_ownership_and_xattrs(tmp_path, home):
+    layer = layer_tar(
+        [
+            ("dir", "srv"),
+            ("file", "srv/owned", "o\n", 0o4750, 1234, 99, {"user.origin": "test-layer"}),
+        ]
+    )
+    archive = str(tmp_path / "own.tar")
+    write_docker_save(archive, [([layer], config_for([layer]), ["own:1"])])
+    pyunion("image", "import", archive, home=home)
+    path = os.path.join(layer_dir(home, sha(layer)), "srv/owned")
+    st = os.stat(path)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1234, 99, 0o4750)
+    assert os.getxattr(path, "user.origin") == b"test-layer"
+    with open(os.path.join(home, "layers", sha(layer)[7:], "layer.json")) as f:
+        assert json.load(f)["unapplied"] == []
