@@ -142,6 +142,37 @@ def _copy_cpuset(directory: str) -> None:
             pass
 
 
+_NOT_DELEGATED = " (cgroup not delegated to this user)"
+
+
+def _create_v2(h: Hierarchy, name: str, needed: list[str], wanted: dict[str, str]) -> str:
+    """A v2 cgroup with the needed controllers enabled: under our own cgroup, or, where that
+    holds processes (the no-internal-processes rule), beside it higher up the tree."""
+    first_error = None
+    parent = h.directory.rstrip("/")
+    while True:
+        directory = os.path.join(parent, name)
+        try:
+            os.mkdir(directory)
+            try:
+                for ctrl in needed:
+                    _write(os.path.join(parent, "cgroup.subtree_control"), f"+{ctrl}")
+                return directory
+            except OSError:
+                os.rmdir(directory)
+                raise
+        except OSError as e:
+            first_error = first_error or f"{directory}: {e.strerror}"
+        if parent == h.mountpoint.rstrip("/") or not parent:
+            break
+        parent = os.path.dirname(parent)
+    option = wanted[needed[0]]
+    hint = _NOT_DELEGATED if os.geteuid() else ""
+    raise RunError(
+        f"{option}: cannot create a cgroup with {', '.join(needed)}: {first_error}{hint}"
+    )
+
+
 @dataclass
 class Cgroup:
     """The container's cgroup directories, one per hierarchy it could be created in."""
@@ -166,16 +197,19 @@ class Cgroup:
         try:
             for h in found:
                 needed = [c for c, ch in chosen.items() if ch is h]
-                directory = os.path.join(h.directory, name)
-                try:
-                    os.mkdir(directory)
-                except OSError as e:
-                    if needed:
-                        raise RunError(
-                            f"{wanted[needed[0]]}: cannot create cgroup {directory}: {e.strerror}"
-                            + ("" if os.geteuid() == 0 else " (cgroup not delegated to this user)")
-                        ) from None
-                    continue
+                if h.version == 2 and needed:
+                    directory = _create_v2(h, name, needed, wanted)
+                else:
+                    directory = os.path.join(h.directory, name)
+                    try:
+                        os.mkdir(directory)
+                    except OSError as e:
+                        if needed:
+                            raise RunError(
+                                f"{wanted[needed[0]]}: cannot create cgroup {directory}: "
+                                f"{e.strerror}{_NOT_DELEGATED if os.geteuid() else ''}"
+                            ) from None
+                        continue
                 group.directories.append(directory)
                 if h.version == 1 and "cpuset" in h.controllers:
                     _copy_cpuset(directory)
@@ -207,15 +241,6 @@ class Cgroup:
                 settings += [("cpu.max", f"{quota} {CPU_PERIOD}", True)]
         if "pids" in needed:
             settings += [("pids.max", str(limits.pids), True)]
-        if h.version == 2:
-            parent = os.path.dirname(directory)
-            for ctrl in needed:
-                try:
-                    _write(os.path.join(parent, "cgroup.subtree_control"), f"+{ctrl}")
-                except OSError as e:
-                    raise RunError(
-                        f"{wanted[ctrl]}: cannot enable the {ctrl} controller in {parent}: {e.strerror}"
-                    ) from None
         for filename, value, required in settings:
             path = os.path.join(directory, filename)
             if not required and not os.path.exists(path):

@@ -345,9 +345,9 @@ class Runner:
         if self.cgroup:
             self.cgroup.join(os.getpid())
             for h in found:
-                directory = os.path.join(h.directory, self.cgroup.name)
-                if directory in self.cgroup.directories:
-                    own_dirs[h.mountpoint] = directory
+                for directory in self.cgroup.directories:
+                    if directory.startswith(h.mountpoint.rstrip("/") + "/"):
+                        own_dirs[h.mountpoint] = directory
         flags = libc.CLONE_NEWNS | libc.CLONE_NEWPID | libc.CLONE_NEWUTS | libc.CLONE_NEWIPC
         if spec.net == "none":
             flags |= libc.CLONE_NEWNET
