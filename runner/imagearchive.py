@@ -36,7 +36,7 @@ CHUNK = 1 << 20
 MAX_JSON = 64 << 20
 
 
-class ImportError_(Exception):
+class ArchiveError(Exception):
     """An archive that cannot be imported; one line naming what is wrong."""
 
 
@@ -51,10 +51,10 @@ class DirSource:
 
     def _path(self, name: str) -> str:
         if name.startswith("/") or ".." in name.split("/"):
-            raise ImportError_(f"archive path {name!r} leaves the archive")
+            raise ArchiveError(f"archive path {name!r} leaves the archive")
         path = os.path.realpath(os.path.join(self.root, name))
         if not path.startswith(self.root + os.sep):
-            raise ImportError_(f"archive path {name!r} leaves the archive")
+            raise ArchiveError(f"archive path {name!r} leaves the archive")
         return path
 
     def exists(self, name: str) -> bool:
@@ -64,7 +64,7 @@ class DirSource:
         try:
             return open(self._path(name), "rb")
         except FileNotFoundError:
-            raise ImportError_(f"archive has no {name}") from None
+            raise ArchiveError(f"archive has no {name}") from None
 
     def size(self, name: str) -> int:
         return os.path.getsize(self._path(name))
@@ -90,7 +90,7 @@ class TarSource:
         member = self.members.get(os.path.normpath(name))
         f = self.tar.extractfile(member) if member is not None else None
         if f is None:
-            raise ImportError_(f"archive has no file {name}")
+            raise ArchiveError(f"archive has no file {name}")
         return f
 
     def size(self, name: str) -> int:
@@ -109,24 +109,24 @@ def read_json(source, name: str, digest: str | None = None, size: int | None = N
     with source.open(name) as f:
         data = f.read(MAX_JSON + 1)
     if len(data) > MAX_JSON:
-        raise ImportError_(f"{name}: too large for a JSON document")
+        raise ArchiveError(f"{name}: too large for a JSON document")
     check_blob(name, data, digest, size)
     try:
         return data, json.loads(data)
     except ValueError:
-        raise ImportError_(f"{name}: not valid JSON") from None
+        raise ArchiveError(f"{name}: not valid JSON") from None
 
 
 def check_blob(name: str, data: bytes, digest: str | None, size: int | None) -> None:
     if size is not None and len(data) != size:
-        raise ImportError_(f"{name}: size {len(data)} does not match the expected {size}")
+        raise ArchiveError(f"{name}: size {len(data)} does not match the expected {size}")
     if digest is not None and "sha256:" + hashlib.sha256(data).hexdigest() != digest:
-        raise ImportError_(f"{name}: digest does not match {digest}")
+        raise ArchiveError(f"{name}: digest does not match {digest}")
 
 
 def blob_name(digest) -> str:
     if not isinstance(digest, str) or not DIGEST_RE.match(digest):
-        raise ImportError_(f"unsupported or malformed digest {digest!r}")
+        raise ArchiveError(f"unsupported or malformed digest {digest!r}")
     return "blobs/sha256/" + digest[len("sha256:") :]
 
 
@@ -151,27 +151,27 @@ def _diff_ids(config_doc, where: str, count: int) -> list[str]:
     rootfs = config_doc.get("rootfs") if isinstance(config_doc, dict) else None
     diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
     if not isinstance(diff_ids, list) or not all(isinstance(d, str) and DIGEST_RE.match(d) for d in diff_ids):
-        raise ImportError_(f"{where}: config has no valid rootfs.diff_ids")
+        raise ArchiveError(f"{where}: config has no valid rootfs.diff_ids")
     if len(diff_ids) != count:
-        raise ImportError_(f"{where}: config lists {len(diff_ids)} layers but the manifest {count}")
+        raise ArchiveError(f"{where}: config lists {len(diff_ids)} layers but the manifest {count}")
     return diff_ids
 
 
 def read_docker_save(source) -> list[ImageRef]:
     _, manifest = read_json(source, "manifest.json")
     if not isinstance(manifest, list):
-        raise ImportError_("manifest.json: expected a list of images")
+        raise ArchiveError("manifest.json: expected a list of images")
     images = []
     for entry in manifest:
         if not isinstance(entry, dict) or not isinstance(entry.get("Config"), str):
-            raise ImportError_("manifest.json: an entry has no Config")
+            raise ArchiveError("manifest.json: an entry has no Config")
         config_name = entry["Config"]
         stem = os.path.basename(config_name).removesuffix(".json")
         expect = "sha256:" + stem if DIGEST_RE.match("sha256:" + stem) else None
         config, doc = read_json(source, config_name, expect)
         layer_names = entry.get("Layers") or []
         if not isinstance(layer_names, list) or not all(isinstance(x, str) for x in layer_names):
-            raise ImportError_("manifest.json: Layers must be a list of paths")
+            raise ArchiveError("manifest.json: Layers must be a list of paths")
         diff_ids = _diff_ids(doc, config_name, len(layer_names))
         layers = [LayerRef(n, d) for n, d in zip(layer_names, diff_ids, strict=True)]
         tags = entry.get("RepoTags") or []
@@ -192,7 +192,7 @@ def _pick_manifest(source, descriptor: dict, where: str) -> dict:
             return descriptor
         _, index = read_json(source, blob_name(descriptor.get("digest")), descriptor.get("digest"), descriptor.get("size"))
         descriptor = _choose(index.get("manifests") or [], where)
-    raise ImportError_(f"{where}: indexes nested too deeply")
+    raise ArchiveError(f"{where}: indexes nested too deeply")
 
 
 def _choose(manifests: list, where: str) -> dict:
@@ -203,7 +203,7 @@ def _choose(manifests: list, where: str) -> dict:
         p = m.get("platform") or {}
         if (p.get("os"), p.get("architecture")) == want:
             return m
-    raise ImportError_(f"{where}: no manifest for platform {want[0]}/{want[1]}")
+    raise ArchiveError(f"{where}: no manifest for platform {want[0]}/{want[1]}")
 
 
 def _names_from(annotations: dict, archive_path: str) -> list[str]:
@@ -223,7 +223,7 @@ def read_oci_layout(source, archive_path: str) -> list[ImageRef]:
     _, index = read_json(source, "index.json")
     descriptors = index.get("manifests") if isinstance(index, dict) else None
     if not isinstance(descriptors, list) or not descriptors:
-        raise ImportError_("index.json: no manifests")
+        raise ArchiveError("index.json: no manifests")
     named = [d for d in descriptors if (d.get("annotations") or {}).get(REF_NAME) or (d.get("annotations") or {}).get(CONTAINERD_NAME)]
     if not named:
         descriptors = [_choose(descriptors, "index.json")]
@@ -288,7 +288,7 @@ def fetch_layer_tar(source, ref: LayerRef, out_path: str, staging: str, label: s
                 try:
                     _copy(gzip.GzipFile(fileobj=rest, mode="rb"), plain)
                 except (OSError, EOFError, gzip.BadGzipFile) as e:
-                    raise ImportError_(f"layer {ref.name}: broken gzip data ({e})") from None
+                    raise ArchiveError(f"layer {ref.name}: broken gzip data ({e})") from None
             elif head == ZSTD_MAGIC:
                 blob = os.path.join(staging, "blob.zst")
                 with open(blob, "wb") as b:
@@ -299,11 +299,11 @@ def fetch_layer_tar(source, ref: LayerRef, out_path: str, staging: str, label: s
                 _copy(rest, plain)
         _copy(raw, io.BytesIO())  # drain, so the blob digest covers any trailing bytes
     if ref.size is not None and raw.count != ref.size:
-        raise ImportError_(f"layer {ref.name}: size {raw.count} does not match the expected {ref.size}")
+        raise ArchiveError(f"layer {ref.name}: size {raw.count} does not match the expected {ref.size}")
     if ref.digest is not None and raw.digest != ref.digest:
-        raise ImportError_(f"layer {ref.name}: digest does not match {ref.digest}")
+        raise ArchiveError(f"layer {ref.name}: digest does not match {ref.digest}")
     if plain.digest != ref.diff_id:
-        raise ImportError_(f"layer {ref.name}: uncompressed digest {plain.digest} does not match DiffID {ref.diff_id}")
+        raise ArchiveError(f"layer {ref.name}: uncompressed digest {plain.digest} does not match DiffID {ref.diff_id}")
 
 
 class _Prefixed:
@@ -324,12 +324,12 @@ class _Prefixed:
 
 def _unzstd(blob: str, out, name: str) -> None:
     if not shutil.which("zstd"):
-        raise ImportError_(f"layer {name} is zstd-compressed but the `zstd` command is not installed (apt install zstd)")
+        raise ArchiveError(f"layer {name} is zstd-compressed but the `zstd` command is not installed (apt install zstd)")
     with subprocess.Popen(["zstd", "-dcq", blob], stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
         _copy(proc.stdout, out)
         err = proc.stderr.read().decode(errors="replace").strip().splitlines()
     if proc.returncode:
-        raise ImportError_(f"layer {name}: zstd failed: {err[-1] if err else proc.returncode}")
+        raise ArchiveError(f"layer {name}: zstd failed: {err[-1] if err else proc.returncode}")
 
 
 def stage_layer(store: Store, source, ref: LayerRef, lower_dirs: list[str], label: str) -> str:
@@ -343,7 +343,7 @@ def stage_layer(store: Store, source, ref: LayerRef, lower_dirs: list[str], labe
         try:
             unapplied = layertar.extract_layer(tar_path, os.path.join(staged, "tree"), bar.update, lower_dirs=lower_dirs)
         except layertar.LayerError as e:
-            raise ImportError_(f"layer {ref.diff_id[7:19]}: {e}") from None
+            raise ArchiveError(f"layer {ref.diff_id[7:19]}: {e}") from None
     info = {"diff_id": ref.diff_id, "size": size, "unapplied": unapplied}
     with open(os.path.join(staged, "layer.json"), "wb") as f:
         f.write(canonical_json(info))
@@ -386,7 +386,7 @@ def import_archive(store: Store, path: str, name: str | None = None) -> list[tup
             except BaseException:
                 store.collect_layers()
                 raise
-    except ImportError_ as e:
+    except ArchiveError as e:
         raise UsageError(f"{path}: {e}") from None
     finally:
         if isinstance(source, TarSource):

@@ -4,6 +4,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 from runner import layertar
 from runner.imagearchive import export_image, import_archive
@@ -171,8 +172,6 @@ def cmd_ps(store: Store, argv: list[str]) -> int:
     p = _parser("ps")
     p.add_argument("-q", "--quiet", action="store_true", help="only names")
     args = p.parse_args(argv)
-    import time
-
     rows = [("NAME", "IMAGE", "CREATED")]
     for c in store.containers():
         if args.quiet:
