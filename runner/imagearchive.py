@@ -81,7 +81,9 @@ class TarSource:
                 self.members[os.path.normpath(m.name).lstrip("/")] = m
         except (tarfile.TarError, EOFError, OSError) as e:
             why = str(e).splitlines()[0].rstrip(":") if str(e) else type(e).__name__
-            raise UsageError(f"{path}: not an image archive (docker save tar or OCI layout): {why}") from None
+            raise UsageError(
+                f"{path}: not an image archive (docker save tar or OCI layout): {why}"
+            ) from None
 
     def exists(self, name: str) -> bool:
         return os.path.normpath(name) in self.members
@@ -150,7 +152,9 @@ class ImageRef:
 def _diff_ids(config_doc, where: str, count: int) -> list[str]:
     rootfs = config_doc.get("rootfs") if isinstance(config_doc, dict) else None
     diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-    if not isinstance(diff_ids, list) or not all(isinstance(d, str) and DIGEST_RE.match(d) for d in diff_ids):
+    if not isinstance(diff_ids, list) or not all(
+        isinstance(d, str) and DIGEST_RE.match(d) for d in diff_ids
+    ):
         raise ArchiveError(f"{where}: config has no valid rootfs.diff_ids")
     if len(diff_ids) != count:
         raise ArchiveError(f"{where}: config lists {len(diff_ids)} layers but the manifest {count}")
@@ -181,7 +185,9 @@ def read_docker_save(source) -> list[ImageRef]:
 
 def host_platform() -> tuple[str, str]:
     machine = platform.machine().lower()
-    arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}.get(machine, machine)
+    arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}.get(
+        machine, machine
+    )
     return "linux", arch
 
 
@@ -190,7 +196,12 @@ def _pick_manifest(source, descriptor: dict, where: str) -> dict:
     for _ in range(8):
         if descriptor.get("mediaType") not in INDEX_TYPES:
             return descriptor
-        _, index = read_json(source, blob_name(descriptor.get("digest")), descriptor.get("digest"), descriptor.get("size"))
+        _, index = read_json(
+            source,
+            blob_name(descriptor.get("digest")),
+            descriptor.get("digest"),
+            descriptor.get("size"),
+        )
         descriptor = _choose(index.get("manifests") or [], where)
     raise ArchiveError(f"{where}: indexes nested too deeply")
 
@@ -224,7 +235,12 @@ def read_oci_layout(source, archive_path: str) -> list[ImageRef]:
     descriptors = index.get("manifests") if isinstance(index, dict) else None
     if not isinstance(descriptors, list) or not descriptors:
         raise ArchiveError("index.json: no manifests")
-    named = [d for d in descriptors if (d.get("annotations") or {}).get(REF_NAME) or (d.get("annotations") or {}).get(CONTAINERD_NAME)]
+    named = [
+        d
+        for d in descriptors
+        if (d.get("annotations") or {}).get(REF_NAME)
+        or (d.get("annotations") or {}).get(CONTAINERD_NAME)
+    ]
     if not named:
         descriptors = [_choose(descriptors, "index.json")]
     by_manifest: dict[str, ImageRef] = {}
@@ -237,7 +253,9 @@ def read_oci_layout(source, archive_path: str) -> list[ImageRef]:
             continue
         _, manifest = read_json(source, blob_name(digest), digest, target.get("size"))
         cdesc = manifest.get("config") or {}
-        config, doc = read_json(source, blob_name(cdesc.get("digest")), cdesc.get("digest"), cdesc.get("size"))
+        config, doc = read_json(
+            source, blob_name(cdesc.get("digest")), cdesc.get("digest"), cdesc.get("size")
+        )
         ldescs = manifest.get("layers") or []
         diff_ids = _diff_ids(doc, blob_name(digest), len(ldescs))
         layers = [
@@ -299,11 +317,15 @@ def fetch_layer_tar(source, ref: LayerRef, out_path: str, staging: str, label: s
                 _copy(rest, plain)
         _copy(raw, io.BytesIO())  # drain, so the blob digest covers any trailing bytes
     if ref.size is not None and raw.count != ref.size:
-        raise ArchiveError(f"layer {ref.name}: size {raw.count} does not match the expected {ref.size}")
+        raise ArchiveError(
+            f"layer {ref.name}: size {raw.count} does not match the expected {ref.size}"
+        )
     if ref.digest is not None and raw.digest != ref.digest:
         raise ArchiveError(f"layer {ref.name}: digest does not match {ref.digest}")
     if plain.digest != ref.diff_id:
-        raise ArchiveError(f"layer {ref.name}: uncompressed digest {plain.digest} does not match DiffID {ref.diff_id}")
+        raise ArchiveError(
+            f"layer {ref.name}: uncompressed digest {plain.digest} does not match DiffID {ref.diff_id}"
+        )
 
 
 class _Prefixed:
@@ -324,8 +346,12 @@ class _Prefixed:
 
 def _unzstd(blob: str, out, name: str) -> None:
     if not shutil.which("zstd"):
-        raise ArchiveError(f"layer {name} is zstd-compressed but the `zstd` command is not installed (apt install zstd)")
-    with subprocess.Popen(["zstd", "-dcq", blob], stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        raise ArchiveError(
+            f"layer {name} is zstd-compressed but the `zstd` command is not installed (apt install zstd)"
+        )
+    with subprocess.Popen(
+        ["zstd", "-dcq", blob], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as proc:
         _copy(proc.stdout, out)
         err = proc.stderr.read().decode(errors="replace").strip().splitlines()
     if proc.returncode:
@@ -341,7 +367,9 @@ def stage_layer(store: Store, source, ref: LayerRef, lower_dirs: list[str], labe
     size = os.path.getsize(tar_path)
     with Progress(label.replace("importing", "unpacking"), size) as bar:
         try:
-            unapplied = layertar.extract_layer(tar_path, os.path.join(staged, "tree"), bar.update, lower_dirs=lower_dirs)
+            unapplied = layertar.extract_layer(
+                tar_path, os.path.join(staged, "tree"), bar.update, lower_dirs=lower_dirs
+            )
         except layertar.LayerError as e:
             raise ArchiveError(f"layer {ref.diff_id[7:19]}: {e}") from None
     info = {"diff_id": ref.diff_id, "size": size, "unapplied": unapplied}
@@ -360,7 +388,9 @@ def import_archive(store: Store, path: str, name: str | None = None) -> list[tup
         elif source.exists("manifest.json"):
             images = read_docker_save(source)
         else:
-            raise UsageError(f"{path}: neither a docker save archive (manifest.json) nor an OCI layout (oci-layout, index.json)")
+            raise UsageError(
+                f"{path}: neither a docker save archive (manifest.json) nor an OCI layout (oci-layout, index.json)"
+            )
         if name is not None:
             if len(images) != 1:
                 raise UsageError(f"{path} holds {len(images)} images; --name needs exactly one")
@@ -374,7 +404,9 @@ def import_archive(store: Store, path: str, name: str | None = None) -> list[tup
                     if ref.diff_id in staged or store.has_layer(ref.diff_id):
                         continue
                     lower = [
-                        os.path.join(staged[d.diff_id], "tree") if d.diff_id in staged else store.layer_tree(d.diff_id)
+                        os.path.join(staged[d.diff_id], "tree")
+                        if d.diff_id in staged
+                        else store.layer_tree(d.diff_id)
                         for d in reversed(image.layers[:i])
                     ]
                     label = f"importing layer {i + 1}/{len(image.layers)} {ref.diff_id[7:19]}"
@@ -382,7 +414,9 @@ def import_archive(store: Store, path: str, name: str | None = None) -> list[tup
             try:
                 for diff_id, layer_dir in staged.items():
                     store.add_layer(layer_dir, diff_id)
-                return [(store.add_image(image.config, image.names), image.names) for image in images]
+                return [
+                    (store.add_image(image.config, image.names), image.names) for image in images
+                ]
             except BaseException:
                 store.collect_layers()
                 raise
@@ -396,7 +430,9 @@ def import_archive(store: Store, path: str, name: str | None = None) -> list[tup
 # ---- export ---------------------------------------------------------------------------------
 
 
-def _tar_file(tar: tarfile.TarFile, name: str, data: bytes | None = None, path: str | None = None, mode=0o644):
+def _tar_file(
+    tar: tarfile.TarFile, name: str, data: bytes | None = None, path: str | None = None, mode=0o644
+):
     info = tarfile.TarInfo(name)
     info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode = 0, 0, 0, "", "", mode
     if data is not None:
@@ -471,7 +507,9 @@ def _write_oci(tar, image, names, config, layer_tars) -> None:
     base = {"mediaType": OCI_MANIFEST, "digest": manifest_digest, "size": len(manifest_bytes)}
     if doc.get("architecture") and doc.get("os"):
         base["platform"] = {"architecture": doc["architecture"], "os": doc["os"]}
-    descriptors = [dict(base, annotations={REF_NAME: n, CONTAINERD_NAME: n}) for n in names] or [base]
+    descriptors = [dict(base, annotations={REF_NAME: n, CONTAINERD_NAME: n}) for n in names] or [
+        base
+    ]
     index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}
     _tar_file(tar, "blobs", mode=0o755)
     _tar_file(tar, "blobs/sha256", mode=0o755)
@@ -485,4 +523,3 @@ def _write_oci(tar, image, names, config, layer_tars) -> None:
             _tar_file(tar, blob_name(digest), path=value)
     _tar_file(tar, "index.json", json.dumps(index).encode())
     _tar_file(tar, "oci-layout", b'{"imageLayoutVersion": "1.0.0"}')
-

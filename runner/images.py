@@ -194,7 +194,9 @@ def cmd_rm(store: Store, argv: list[str]) -> int:
         if c is None:
             raise UsageError(f"no such container: {name}")
         if not args.force and os.path.lexists(os.path.join(c.upper, ".wh..wh.pyunion")):
-            raise UsageError(f"container {name} looks in use (its layer is mounted); stop it or use rm -f")
+            raise UsageError(
+                f"container {name} looks in use (its layer is mounted); stop it or use rm -f"
+            )
         store.remove_container(name)
         print(name)
     return 0

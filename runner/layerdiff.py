@@ -164,7 +164,10 @@ def rootless_owner_map():
             return 1 + host - sub.start
         return host
 
-    return lambda uid, gid: (back(uid, mapping.uid, mapping.subuid), back(gid, mapping.gid, mapping.subgid))
+    return lambda uid, gid: (
+        back(uid, mapping.uid, mapping.subuid),
+        back(gid, mapping.gid, mapping.subgid),
+    )
 
 
 def _now() -> str:
@@ -178,7 +181,10 @@ def commit_layer(store: Store, upper: str, image: Image, new_name: str | None, c
     with store.locked():
         staged = store.staging_dir("l-")
         tar_path = os.path.join(staged, "layer.tar")
-        with open(tar_path, "wb") as f, Progress(f"committing {new_name or ''}".strip(), total) as bar:
+        with (
+            open(tar_path, "wb") as f,
+            Progress(f"committing {new_name or ''}".strip(), total) as bar,
+        ):
             diff_id, size = layertar.write_layer_tar(entries, f, bar.update, rootless_owner_map())
         if store.has_layer(diff_id):
             remove_tree(staged)
@@ -196,7 +202,9 @@ def commit_layer(store: Store, upper: str, image: Image, new_name: str | None, c
         rootfs = doc.setdefault("rootfs", {"type": "layers", "diff_ids": []})
         rootfs.setdefault("type", "layers")
         rootfs.setdefault("diff_ids", []).append(diff_id)
-        doc.setdefault("history", []).append({"created": now, "created_by": "pyunion commit", "comment": comment})
+        doc.setdefault("history", []).append(
+            {"created": now, "created_by": "pyunion commit", "comment": comment}
+        )
         config = json.dumps(doc, separators=(",", ":")).encode()
         try:
             return store.add_image(config, [new_name] if new_name else [])

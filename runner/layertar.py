@@ -92,7 +92,9 @@ def _show(parts: list[bytes]) -> str:
 class Extractor:
     """Unpacks one layer tar into an empty directory, safely; collects what could not be applied."""
 
-    def __init__(self, root: str, allow_devices: bool | None = None, lower: LayerView | None = None):
+    def __init__(
+        self, root: str, allow_devices: bool | None = None, lower: LayerView | None = None
+    ):
         self.lower = lower
         self.root_fd = os.open(root, DIR_FLAGS)
         self.as_root = os.geteuid() == 0
@@ -226,7 +228,12 @@ class Extractor:
             os.unlink(name, dir_fd=pfd)
 
     def _write_file(self, tar, m, pfd, name, parts) -> None:
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=pfd)
+        fd = os.open(
+            name,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+            dir_fd=pfd,
+        )
         try:
             src = tar.extractfile(m)
             while chunk := src.read(CHUNK):
@@ -299,7 +306,11 @@ class Extractor:
         for key in sorted(self.dirs, key=lambda k: (-len(k), k)):
             m = self.dirs[key]
             try:
-                fd = open_beneath(self.root_fd, b"/".join(key) or b".") if key else os.dup(self.root_fd)
+                fd = (
+                    open_beneath(self.root_fd, b"/".join(key) or b".")
+                    if key
+                    else os.dup(self.root_fd)
+                )
             except OSError:
                 continue
             try:
@@ -317,7 +328,9 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def extract_layer(tar_path: str, root: str, progress=None, allow_devices=None, lower_dirs=()) -> list[dict]:
+def extract_layer(
+    tar_path: str, root: str, progress=None, allow_devices=None, lower_dirs=()
+) -> list[dict]:
     """Unpack the layer tar at `tar_path` into the empty dir `root`; returns unapplied metadata.
 
     `lower_dirs` (top first) are the layers below it, checked for symlinks entries would go through.
@@ -370,7 +383,14 @@ def _tarinfo(entry: TreeEntry, st: os.stat_result | None) -> tarfile.TarInfo:
     info = tarfile.TarInfo(os.fsdecode(entry.path))
     info.uname = info.gname = ""
     if st is None:
-        info.type, info.mode, info.mtime, info.uid, info.gid, info.size = tarfile.REGTYPE, 0o644, 0, 0, 0, 0
+        info.type, info.mode, info.mtime, info.uid, info.gid, info.size = (
+            tarfile.REGTYPE,
+            0o644,
+            0,
+            0,
+            0,
+            0,
+        )
         return info
     info.mode = stat.S_IMODE(st.st_mode)
     info.uid, info.gid, info.mtime = st.st_uid, st.st_gid, int(st.st_mtime)
@@ -411,7 +431,9 @@ def _xattr_headers(path: str) -> dict[str, str]:
     return headers
 
 
-def write_layer_tar(entries: Iterable[TreeEntry], out, progress=None, owner_map=None) -> tuple[str, int]:
+def write_layer_tar(
+    entries: Iterable[TreeEntry], out, progress=None, owner_map=None
+) -> tuple[str, int]:
     """Write a deterministic layer tar of `entries` to the binary file `out`; (DiffID, size).
 
     `owner_map(uid, gid) -> (uid, gid)` translates on-disk owners into the layer's (rootless).

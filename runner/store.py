@@ -285,7 +285,9 @@ class Store:
         except FileNotFoundError:
             return []
         return sorted(
-            "sha256:" + e[:-5] for e in entries if e.endswith(".json") and DIGEST_RE.match("sha256:" + e[:-5])
+            "sha256:" + e[:-5]
+            for e in entries
+            if e.endswith(".json") and DIGEST_RE.match("sha256:" + e[:-5])
         )
 
     def add_image(self, config_bytes: bytes, names: list[str]) -> str:

@@ -115,7 +115,9 @@ def three_layers() -> list[bytes]:
     return [busybox_layer(), middle, top]
 
 
-def write_docker_save(path: str, images: list[tuple[list[bytes], dict, list[str]]], gz: bool = False) -> None:
+def write_docker_save(
+    path: str, images: list[tuple[list[bytes], dict, list[str]]], gz: bool = False
+) -> None:
     """A `docker save` tarball holding (layers, config, RepoTags) images."""
     files: dict[str, bytes] = {}
     manifest = []
@@ -142,13 +144,19 @@ def compress(data: bytes, how: str | None) -> tuple[bytes, str]:
     if how == "gzip":
         return gzip.compress(data, mtime=0), base + "+gzip"
     if how == "zstd":
-        out = subprocess.run(["zstd", "-q", "-c"], input=data, stdout=subprocess.PIPE, check=True).stdout
+        out = subprocess.run(
+            ["zstd", "-q", "-c"], input=data, stdout=subprocess.PIPE, check=True
+        ).stdout
         return out, base + "+zstd"
     return data, base
 
 
 def write_oci_layout(
-    path: str, layers: list[bytes], config: dict, ref_name: str | None, how: str | None = "gzip",
+    path: str,
+    layers: list[bytes],
+    config: dict,
+    ref_name: str | None,
+    how: str | None = "gzip",
     as_tar: bool = False,
 ) -> None:
     """An OCI image layout (directory, or tarball if as_tar) with one image."""
@@ -163,7 +171,11 @@ def write_oci_layout(
     manifest = {
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha(cbytes), "size": len(cbytes)},
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": sha(cbytes),
+            "size": len(cbytes),
+        },
         "layers": descs,
     }
     mbytes = json.dumps(manifest).encode()
@@ -190,16 +202,18 @@ def write_oci_layout(
             f.write(data)
 
 
-def pyunion(*args, home: str, check: bool = True, input: bytes | None = None, path: str | None = None):
+def pyunion(
+    *args, home: str, check: bool = True, input: bytes | None = None, path: str | None = None
+):
     """Run the pyunion command line with a private store (and optionally another $PATH)."""
     env = dict(os.environ, PYUNION_HOME=home)
     if path is not None:
         env["PATH"] = path
-    proc = subprocess.run(
-        [*PYUNION, *args], env=env, input=input, capture_output=True
-    )
+    proc = subprocess.run([*PYUNION, *args], env=env, input=input, capture_output=True)
     if check and proc.returncode != 0:
-        raise AssertionError(f"pyunion {' '.join(args)} failed ({proc.returncode}): {proc.stderr.decode()}")
+        raise AssertionError(
+            f"pyunion {' '.join(args)} failed ({proc.returncode}): {proc.stderr.decode()}"
+        )
     return proc
 
 
@@ -228,7 +242,6 @@ def inspect(home: str, ref: str) -> dict:
     return docs[0]
 
 
-
 def is_mounted(path: str) -> bool:
     real = os.path.realpath(path)
     with open("/proc/self/mountinfo") as f:
@@ -244,7 +257,9 @@ class mounted:
 
     def __enter__(self) -> str:
         os.makedirs(self.mnt, exist_ok=True)
-        proc = subprocess.run([*PYUNION, "mount", self.spec, self.mnt], capture_output=True, timeout=60)
+        proc = subprocess.run(
+            [*PYUNION, "mount", self.spec, self.mnt], capture_output=True, timeout=60
+        )
         assert proc.returncode == 0, proc.stderr.decode()
         assert is_mounted(self.mnt)
         return self.mnt

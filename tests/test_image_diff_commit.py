@@ -49,7 +49,10 @@ C /tmp
 def home(tmp_path):
     layers = three_layers()
     archive = str(tmp_path / "img.tar")
-    write_docker_save(archive, [(layers, config_for(layers, Cmd=["/bin/sh"], WorkingDir="/home/user"), ["busy:1"])])
+    write_docker_save(
+        archive,
+        [(layers, config_for(layers, Cmd=["/bin/sh"], WorkingDir="/home/user"), ["busy:1"])],
+    )
     h = str(tmp_path / "store")
     pyunion("image", "import", archive, home=h)
     return h
@@ -132,12 +135,16 @@ def test_diff_commit_round_trip(tmp_path, home):
 
     # a fresh container of the committed image sees what the old one saw (minus generated files)
     upper2 = Store(home).prepare_container("c2", "snap:1")
-    with mounted(upper2, Store(home).resolve_image("snap:1").layer_dirs, str(tmp_path / "mnt2")) as mnt:
+    with mounted(
+        upper2, Store(home).resolve_image("snap:1").layer_dirs, str(tmp_path / "mnt2")
+    ) as mnt:
         after = visible_tree(mnt)
     for generated in ("etc/hostname", "etc/hosts", "etc/resolv.conf"):
         del before[generated]
     assert after == before
-    assert "bin/cat" not in after and sorted(k for k in after if k.startswith("data/")) == ["data/z"]
+    assert "bin/cat" not in after and sorted(k for k in after if k.startswith("data/")) == [
+        "data/z"
+    ]
     assert pyunion("diff", "c2", home=home).stdout == b""
 
     # committing the same writable layer again gives the same DiffID (deterministic tar)
@@ -146,7 +153,9 @@ def test_diff_commit_round_trip(tmp_path, home):
     assert len(os.listdir(os.path.join(home, "layers"))) == 4
 
     # images in use by containers are kept; containers go with rm
-    line = one_line_error(pyunion("image", "rm", inspect(home, "busy:1")["Id"], home=home, check=False))
+    line = one_line_error(
+        pyunion("image", "rm", inspect(home, "busy:1")["Id"], home=home, check=False)
+    )
     assert "used by container c1" in line
     assert pyunion("rm", "c1", "c2", home=home).stdout == b"c1\nc2\n"
     assert not os.path.exists(os.path.join(home, "containers", "c1"))
@@ -166,7 +175,9 @@ def make_upper(root: str, order: list[str]) -> None:
         actions[step]()
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
-            os.utime(os.path.join(dirpath, name), (1_700_000_000, 1_700_000_000), follow_symlinks=False)
+            os.utime(
+                os.path.join(dirpath, name), (1_700_000_000, 1_700_000_000), follow_symlinks=False
+            )
     os.chmod(os.path.join(root, "srv/app/run.sh"), 0o755)
 
 
@@ -180,9 +191,15 @@ def test_commit_is_deterministic_regardless_of_creation_order(home):
         os.utime(os.path.join(upper2, "srv/app"), (1_700_000_000, 1_700_000_000))
     pyunion("commit", "x1", "det:1", home=home)
     pyunion("commit", "x2", "det:2", home=home)
-    first, second = inspect(home, "det:1")["RootFS"]["Layers"], inspect(home, "det:2")["RootFS"]["Layers"]
+    first, second = (
+        inspect(home, "det:1")["RootFS"]["Layers"],
+        inspect(home, "det:2")["RootFS"]["Layers"],
+    )
     assert first == second
-    assert pyunion("diff", "x1", home=home).stdout.decode() == "A /srv\nA /srv/app\nA /srv/app/run.sh\nA /srv/run\nD /var\n"
+    assert (
+        pyunion("diff", "x1", home=home).stdout.decode()
+        == "A /srv\nA /srv/app\nA /srv/app/run.sh\nA /srv/run\nD /var\n"
+    )
 
 
 def test_bare_directory_diff_rule(tmp_path, home):

@@ -23,7 +23,10 @@ from runner.store import Store
 def home(tmp_path):
     layers = three_layers()
     archive = str(tmp_path / "img.tar")
-    write_docker_save(archive, [(layers, config_for(layers, Entrypoint=["/bin/sh", "-c"], Cmd=["echo hi"]), ["busy:1"])])
+    write_docker_save(
+        archive,
+        [(layers, config_for(layers, Entrypoint=["/bin/sh", "-c"], Cmd=["echo hi"]), ["busy:1"])],
+    )
     h = str(tmp_path / "store")
     pyunion("image", "import", archive, home=h)
     return h
@@ -55,7 +58,9 @@ def test_docker_export_format_and_round_trip(tmp_path, home):
     out2 = str(tmp_path / "out2.tar")
     pyunion("image", "export", "busy:1", out2, home=other)
     assert open(out, "rb").read() == open(out2, "rb").read()
-    assert sorted(os.listdir(tmp_path)) == sorted(["img.tar", "store", "other-store", "out.tar", "out2.tar"])
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["img.tar", "store", "other-store", "out.tar", "out2.tar"]
+    )
 
 
 def test_oci_export_format_and_round_trip(tmp_path, home):
@@ -75,7 +80,10 @@ def test_oci_export_format_and_round_trip(tmp_path, home):
     manifest = json.loads(manifest_bytes)
     assert manifest["config"]["digest"] == original["Id"]
     assert [layer["digest"] for layer in manifest["layers"]] == original["RootFS"]["Layers"]
-    assert all(layer["mediaType"] == "application/vnd.oci.image.layer.v1.tar" for layer in manifest["layers"])
+    assert all(
+        layer["mediaType"] == "application/vnd.oci.image.layer.v1.tar"
+        for layer in manifest["layers"]
+    )
 
     other = str(tmp_path / "other-store")
     pyunion("image", "import", out, home=other)
@@ -105,9 +113,26 @@ def test_committed_image_export_import_keeps_diff_ids(tmp_path, home):
 
 
 def test_export_errors(tmp_path, home):
-    line = one_line_error(pyunion("image", "export", "busy:1", str(tmp_path), home=home, check=False))
+    line = one_line_error(
+        pyunion("image", "export", "busy:1", str(tmp_path), home=home, check=False)
+    )
     assert "is a directory" in line
-    line = one_line_error(pyunion("image", "export", "busy:1", str(tmp_path / "no/such/dir.tar"), home=home, check=False))
+    line = one_line_error(
+        pyunion(
+            "image", "export", "busy:1", str(tmp_path / "no/such/dir.tar"), home=home, check=False
+        )
+    )
     assert "cannot write" in line
-    one_line_error(pyunion("image", "export", "busy:1", str(tmp_path / "x.tar"), "--format", "zip", home=home, check=False))
+    one_line_error(
+        pyunion(
+            "image",
+            "export",
+            "busy:1",
+            str(tmp_path / "x.tar"),
+            "--format",
+            "zip",
+            home=home,
+            check=False,
+        )
+    )
     assert not os.path.exists(tmp_path / "x.tar")

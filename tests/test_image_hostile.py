@@ -43,7 +43,11 @@ def hostile_cases(outside) -> dict[str, tuple[list[tuple], str]]:
         "inner-dotdot": ([("dir", "a"), ("file", "a/../../pwned", "x")], "a/../../pwned"),
         "symlink-absolute": ([("symlink", "link", o), ("file", "link/pwned", "x")], "link/pwned"),
         "symlink-relative": (
-            [("dir", "d"), ("symlink", "d/up", "../../../../../../../../.." + o), ("file", "d/up/victim", "changed")],
+            [
+                ("dir", "d"),
+                ("symlink", "d/up", "../../../../../../../../.." + o),
+                ("file", "d/up/victim", "changed"),
+            ],
             "d/up/victim",
         ),
         "symlink-then-dir": ([("symlink", "link", o), ("dir", "link/sub")], "link/sub"),
@@ -166,4 +170,6 @@ def test_root_may_import_device_nodes_and_overlay_whiteouts(tmp_path, home):
     st = os.stat(os.path.join(tree, "dev/null"))
     assert os.major(st.st_rdev) == 1 and os.minor(st.st_rdev) == 3
     # an overlayfs 0/0 whiteout becomes the OCI form the union and diff understand
-    assert os.path.isfile(os.path.join(tree, ".wh.gone")) and not os.path.exists(os.path.join(tree, "gone"))
+    assert os.path.isfile(os.path.join(tree, ".wh.gone")) and not os.path.exists(
+        os.path.join(tree, "gone")
+    )

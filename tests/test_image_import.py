@@ -44,7 +44,10 @@ def check_three_layer_store(home: str, layers: list[bytes], ref: str) -> None:
     assert os.stat(os.path.join(base, "etc/passwd")).st_mtime == 1_600_000_000
     assert open(os.path.join(middle, "home/user/a.txt")).read() == "a from middle\n"
     # hard link inside the layer stays a hard link
-    assert os.stat(os.path.join(middle, "opt/tool")).st_ino == os.stat(os.path.join(middle, "opt/tool-link")).st_ino
+    assert (
+        os.stat(os.path.join(middle, "opt/tool")).st_ino
+        == os.stat(os.path.join(middle, "opt/tool-link")).st_ino
+    )
     # whiteouts and the opaque marker are kept in the OCI/aufs form, usable as a ro+wh branch
     assert os.path.isfile(os.path.join(top, "home/user/.wh.b.txt"))
     assert os.path.isfile(os.path.join(top, "data/.wh..wh..opq"))
@@ -58,7 +61,13 @@ def check_three_layer_store(home: str, layers: list[bytes], ref: str) -> None:
 
 def test_docker_save_import_multi_layer(tmp_path, home):
     layers = three_layers()
-    config = config_for(layers, Cmd=["/bin/sh", "-c", "echo hi"], Env=["PATH=/bin", "A=1"], WorkingDir="/home/user", User="0:0")
+    config = config_for(
+        layers,
+        Cmd=["/bin/sh", "-c", "echo hi"],
+        Env=["PATH=/bin", "A=1"],
+        WorkingDir="/home/user",
+        User="0:0",
+    )
     archive = str(tmp_path / "img.tar")
     write_docker_save(archive, [(layers, config, ["busy:1.0"])])
     out = pyunion("image", "import", archive, home=home).stdout.decode()
@@ -87,7 +96,10 @@ def test_oci_layout_directory_import(tmp_path, home, how):
     layers = three_layers()
     layout = str(tmp_path / "layout")
     write_oci_layout(layout, layers, config_for(layers), "example.com/team/busy:v2", how)
-    assert pyunion("image", "import", layout, home=home).stdout == b"Loaded image: example.com/team/busy:v2\n"
+    assert (
+        pyunion("image", "import", layout, home=home).stdout
+        == b"Loaded image: example.com/team/busy:v2\n"
+    )
     check_three_layer_store(home, layers, "example.com/team/busy:v2")
 
 
@@ -109,11 +121,18 @@ def test_gzip_docker_save_and_shared_layers(tmp_path, home):
     layers = three_layers()
     second = layers[:2] + [layer_tar([("file", "extra", "x\n")])]
     archive = str(tmp_path / "two.tar")
-    write_docker_save(archive, [(layers, config_for(layers), ["one:1"]), (second, config_for(second), ["two:1"])], gz=True)
+    write_docker_save(
+        archive,
+        [(layers, config_for(layers), ["one:1"]), (second, config_for(second), ["two:1"])],
+        gz=True,
+    )
     out = pyunion("image", "import", archive, home=home).stdout.decode().splitlines()
     assert out == ["Loaded image: one:1", "Loaded image: two:1"]
     assert len(os.listdir(os.path.join(home, "layers"))) == 4
-    assert inspect(home, "two:1")["RootFS"]["Layers"][:2] == inspect(home, "one:1")["RootFS"]["Layers"][:2]
+    assert (
+        inspect(home, "two:1")["RootFS"]["Layers"][:2]
+        == inspect(home, "one:1")["RootFS"]["Layers"][:2]
+    )
     # removing one image keeps the shared layers, deletes only its own
     out = pyunion("image", "rm", "one:1", home=home).stdout.decode().splitlines()
     assert out[0] == "Untagged: one:1" and out[1].startswith("Deleted: sha256:")
@@ -184,7 +203,9 @@ def test_zstd_layer_without_zstd_command_is_a_clear_error(tmp_path, home):
     write_oci_layout(layout, layers, config_for(layers), "busy:z", "zstd")
     empty_path = tmp_path / "empty-bin"
     empty_path.mkdir()
-    line = one_line_error(pyunion("image", "import", layout, home=home, check=False, path=str(empty_path)))
+    line = one_line_error(
+        pyunion("image", "import", layout, home=home, check=False, path=str(empty_path))
+    )
     assert "zstd" in line and "not installed" in line
     assert store_is_empty(home)
 

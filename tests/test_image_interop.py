@@ -8,7 +8,9 @@ import subprocess
 import pytest
 from test_image_builders import config_for, inspect, pyunion, three_layers, write_docker_save
 
-pytestmark = pytest.mark.skipif(not shutil.which("skopeo"), reason="skopeo not installed (apt package skopeo)")
+pytestmark = pytest.mark.skipif(
+    not shutil.which("skopeo"), reason="skopeo not installed (apt package skopeo)"
+)
 
 
 def skopeo(*args: str) -> str:
@@ -46,9 +48,21 @@ def test_skopeo_written_zstd_and_gzip_layouts_import(tmp_path, home):
         if fmt == "zstd" and not shutil.which("zstd"):
             continue
         layout = str(tmp_path / f"layout-{fmt}")
-        skopeo("copy", "--dest-compress", "--dest-compress-format", fmt, f"docker-archive:{docker_tar}", f"oci:{layout}:{fmt}")
-        media = {json.loads(open(os.path.join(layout, "index.json")).read())["manifests"][0]["mediaType"]}
+        skopeo(
+            "copy",
+            "--dest-compress",
+            "--dest-compress-format",
+            fmt,
+            f"docker-archive:{docker_tar}",
+            f"oci:{layout}:{fmt}",
+        )
+        media = {
+            json.loads(open(os.path.join(layout, "index.json")).read())["manifests"][0]["mediaType"]
+        }
         assert media == {"application/vnd.oci.image.manifest.v1+json"}
         other = str(tmp_path / f"store-{fmt}")
-        assert pyunion("image", "import", layout, home=other).stdout.decode() == f"Loaded image: layout-{fmt}:{fmt}\n"
+        assert (
+            pyunion("image", "import", layout, home=other).stdout.decode()
+            == f"Loaded image: layout-{fmt}:{fmt}\n"
+        )
         assert inspect(other, f"layout-{fmt}:{fmt}")["RootFS"]["Layers"] == diff_ids

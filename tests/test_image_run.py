@@ -51,7 +51,16 @@ def test_run_honours_image_config(home):
 
 
 def test_named_container_is_kept_diffed_and_committed(home):
-    run(home, "--name", "keep", "-u", "0", "busy:1", "--", "echo made > /home/user/made; rm /etc/motd")
+    run(
+        home,
+        "--name",
+        "keep",
+        "-u",
+        "0",
+        "busy:1",
+        "--",
+        "echo made > /home/user/made; rm /etc/motd",
+    )
     ps = pyunion("ps", home=home).stdout.decode().splitlines()
     assert [line.split()[:2] for line in ps[1:]] == [["keep", "busy:1"]]
     diff = pyunion("diff", "keep", home=home).stdout.decode()

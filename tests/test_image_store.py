@@ -38,13 +38,19 @@ def test_concurrent_imports_share_layers_without_damage(tmp_path, home):
         write_docker_save(archive, [(layers, config_for(layers), [f"img{i}:1"])])
         expected[f"img{i}:1"] = [sha(x) for x in layers]
         env = dict(os.environ, PYUNION_HOME=home)
-        procs.append(subprocess.Popen([*PYUNION, "image", "import", archive], env=env, stderr=subprocess.PIPE))
+        procs.append(
+            subprocess.Popen(
+                [*PYUNION, "image", "import", archive], env=env, stderr=subprocess.PIPE
+            )
+        )
     for p in procs:
         assert p.wait(timeout=120) == 0, p.stderr.read().decode()
         p.stderr.close()
     for name, diff_ids in expected.items():
         assert inspect(home, name)["RootFS"]["Layers"] == diff_ids
-    assert sorted(os.listdir(os.path.join(home, "layers"))) == sorted({d[7:] for v in expected.values() for d in v})
+    assert sorted(os.listdir(os.path.join(home, "layers"))) == sorted(
+        {d[7:] for v in expected.values() for d in v}
+    )
     assert os.listdir(os.path.join(home, "tmp")) == []
 
 
@@ -90,7 +96,9 @@ def test_progress_bar_only_on_a_terminal(tmp_path, home):
     code, output = run_with_tty_stderr(["image", "import", archive], home)
     assert code == 0
     assert b"\rimporting layer 1/1" in output and b"6.0/6.0 MB" in output
-    code, output = run_with_tty_stderr(["image", "export", "big:1", str(tmp_path / "out.tar")], home)
+    code, output = run_with_tty_stderr(
+        ["image", "export", "big:1", str(tmp_path / "out.tar")], home
+    )
     assert code == 0 and b"\rexporting big:1" in output
 
 
@@ -106,7 +114,13 @@ def shared_dir():
 def test_rootless_store_removes_locked_down_directories(shared_dir):
     home = os.path.join(shared_dir, "store")
     layer = layer_tar(
-        [("dir", "ro", 0o555), ("file", "ro/f", "x"), ("dir", "closed", 0o000), ("file", "closed/g", "y"), ("dir", "ro/in")]
+        [
+            ("dir", "ro", 0o555),
+            ("file", "ro/f", "x"),
+            ("dir", "closed", 0o000),
+            ("file", "closed/g", "y"),
+            ("dir", "ro/in"),
+        ]
     )
     archive = os.path.join(shared_dir, "img.tar")
     write_docker_save(archive, [([layer], config_for([layer]), ["locked:1"])])
@@ -121,4 +135,7 @@ def test_rootless_store_removes_locked_down_directories(shared_dir):
 
     proc = as_nobody(work, home)
     assert proc.returncode == 0, proc.stderr.decode()
-    assert os.listdir(os.path.join(home, "layers")) == [] and os.listdir(os.path.join(home, "tmp")) == []
+    assert (
+        os.listdir(os.path.join(home, "layers")) == []
+        and os.listdir(os.path.join(home, "tmp")) == []
+    )
