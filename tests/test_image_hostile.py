@@ -173,3 +173,41 @@ def test_root_may_import_device_nodes_and_overlay_whiteouts(tmp_path, home):
     assert os.path.isfile(os.path.join(tree, ".wh.gone")) and not os.path.exists(
         os.path.join(tree, "gone")
     )
+
+
+def test_archive_paths_and_digests_cannot_leave_the_archive(tmp_path, home, outside):
+    """Manifests naming files outside an unpacked archive, or malformed digests, are refused."""
+    layer = layer_tar([("file", "f", "x")])
+    (outside / "layer.tar").write_bytes(layer)
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    config = json.dumps(config_for([layer])).encode()
+    (saved / (sha(config)[7:] + ".json")).write_bytes(config)
+    manifest = [
+        {
+            "Config": sha(config)[7:] + ".json",
+            "RepoTags": ["x:1"],
+            "Layers": ["../outside/layer.tar"],
+        }
+    ]
+    (saved / "manifest.json").write_text(json.dumps(manifest))
+    line = one_line_error(pyunion("image", "import", str(saved), home=home, check=False))
+    assert "'../outside/layer.tar'" in line and "leaves the archive" in line
+    (saved / "escape").symlink_to(outside)
+    manifest[0]["Layers"] = ["escape/layer.tar"]
+    (saved / "manifest.json").write_text(json.dumps(manifest))
+    line = one_line_error(pyunion("image", "import", str(saved), home=home, check=False))
+    assert "'escape/layer.tar'" in line and "leaves the archive" in line
+
+    layout = tmp_path / "layout"
+    (layout / "blobs").mkdir(parents=True)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    bad = {
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": "sha256:../../../outside/victim",
+    }
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [bad]}))
+    line = one_line_error(pyunion("image", "import", str(layout), home=home, check=False))
+    assert "malformed digest" in line
+    assert store_is_empty(home)
+    assert sorted(os.listdir(outside)) == ["layer.tar", "victim"]
