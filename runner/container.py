@@ -9,7 +9,6 @@ Processes (host view):
 """
 
 import os
-import pwd
 import secrets
 import shutil
 import signal
@@ -214,7 +213,10 @@ class Runner:
                 for sig in self.pending:
                     self._forward(sig, None)
             if tty_parent:
-                relay(tty_parent)
+                try:
+                    relay(tty_parent)
+                except OSError as e:  # our stdout went away: the container still runs to its end
+                    _say(f"terminal relay stopped: {e.strerror}")
             _, status = os.waitpid(keeper, 0)
         finally:
             for sig in RUNNER_FORWARDED:
@@ -415,9 +417,3 @@ class Runner:
         command = Command(spec.argv, env, uid, gid, spec.workdir, tty_fd, message_fd, caps)
         return run_init(command)
 
-
-def default_home_user() -> str:
-    try:
-        return pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:
-        return str(os.getuid())

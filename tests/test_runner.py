@@ -376,18 +376,20 @@ def test_volumes(runner, rootfs, tmp_path):
     ro = tmp_path / "ro"
     os.makedirs(ro)
     (ro / "r.txt").write_text("read only\n")
+    conf = tmp_path / "app.conf"
+    conf.write_text("setting=1\n")
     rw = tmp_path / "rw"
     os.makedirs(rw)
     os.chown(rw, runner.uid, -1)
     script = (
         "cat /mnt/shared/in.txt; echo back > /mnt/shared/out.txt; cat /opt/ro/r.txt;"
-        " echo no > /opt/ro/w.txt && echo WROTE"
+        " echo no > /opt/ro/w.txt && echo WROTE; cat /etc/app.conf"
     )
     res = runner(
         "--rw", str(rw), "-v", f"{shared}:/mnt/shared", "-v", f"{ro}:/opt/ro:ro",
-        rootfs["root"], "--", "sh", "-c", script,
+        "-v", f"{conf}:/etc/app.conf:ro", rootfs["root"], "--", "sh", "-c", script,
     )  # fmt: skip
-    assert lines(res.stdout) == ["from host", "read only"]
+    assert lines(res.stdout) == ["from host", "read only", "setting=1"]
     assert b"Read-only file system" in res.stderr
     assert (shared / "out.txt").read_text() == "back\n"
     assert sorted(os.listdir(ro)) == ["r.txt"]
