@@ -416,4 +416,3 @@ class Runner:
         message_fd = os.dup(2)
         command = Command(spec.argv, env, uid, gid, spec.workdir, tty_fd, message_fd, caps)
         return run_init(command)
-
