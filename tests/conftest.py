@@ -1,5 +1,6 @@
 """Shared fixtures: real pyunion mounts over real branch directories, always unmounted."""
 
+import contextlib
 import os
 import re
 import subprocess
@@ -159,6 +160,36 @@ def test_user():
                        check=True, capture_output=True)
         pw = pwd.getpwnam(TEST_USER)
     return pw.pw_uid, pw.pw_gid
+
+
+@contextlib.contextmanager
+def reachable_by_others(*paths):
+    """Let other users traverse to PATHS (o+x on every ancestor), restoring the modes after."""
+    saved = {}
+    for path in paths:
+        p = Path(path).resolve()
+        for d in [p, *p.parents]:
+            if d not in saved:
+                mode = os.stat(d).st_mode & 0o7777
+                saved[d] = mode
+                if mode & 0o001 == 0:
+                    os.chmod(d, mode | 0o001)
+    try:
+        yield
+    finally:
+        for d, mode in saved.items():
+            os.chmod(d, mode)
+
+
+@contextlib.contextmanager
+def fuse_for_everyone():
+    """/dev/fuse usable by unprivileged users, as common distributions ship it (0666)."""
+    mode = os.stat("/dev/fuse").st_mode & 0o7777
+    os.chmod("/dev/fuse", 0o666)
+    try:
+        yield
+    finally:
+        os.chmod("/dev/fuse", mode)
 
 
 def as_user(uid, gid, fn):

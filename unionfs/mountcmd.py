@@ -278,7 +278,7 @@ def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: b
     except RuntimeError:
         union.close()
         raise UsageError(f"cannot mount on {mountpoint} (see the message above)") from None
-    log.info("mounted %s on %s", ":".join(f"{s.path}={s.mode}" for s in specs), mountpoint)
+    log.info("mounted %s on %s", ":".join(f"{s.path}={s.mode}" for s in specs), os.path.abspath(mountpoint))
     if ready is not None:
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):

@@ -1,0 +1,46 @@
+"""The union mounted by an unprivileged user (FUSE through fusermount3), as rootless users run it."""
+
+import os
+import subprocess
+from pathlib import Path
+
+from conftest import PYUNION, as_user, fuse_for_everyone, reachable_by_others
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_unprivileged_user_mounts_and_writes(tmp_path, test_user):
+    uid, gid = test_user
+    base = tmp_path / "rootless"
+    for d in ("up", "low", "low/d", "mnt"):
+        (base / d).mkdir(parents=True)
+    (base / "low" / "f").write_text("lower")
+    (base / "low" / "d" / "g").write_text("g")
+    (base / "low" / "gone").write_text("x")
+    for p in [base, *base.rglob("*")]:
+        os.chown(p, uid, gid)
+    os.chown(base / "low" / "gone", 0, 0)  # not the user's: its copy-up cannot keep the owner
+    log = base / "log"
+
+    def session():
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(base)}
+        run = lambda *a: subprocess.run([*PYUNION, *a], check=True, env=env, capture_output=True)  # noqa: E731
+        run("mount", "-o", f"logfile={log}", f"{base}/up:{base}/low", f"{base}/mnt")
+        try:
+            with open(base / "mnt" / "f", "a") as f:
+                f.write("+user")
+            os.unlink(base / "mnt" / "gone")
+            os.rename(base / "mnt" / "d", base / "mnt" / "e")
+            os.mkdir(base / "mnt" / "new")
+            assert sorted(os.listdir(base / "mnt")) == ["e", "f", "new"]
+        finally:
+            run("umount", f"{base}/mnt")
+
+    with reachable_by_others(base, REPO), fuse_for_everyone():
+        assert as_user(uid, gid, session) == 0
+    assert (base / "up" / "f").read_text() == "lower+user"
+    assert (base / "up" / ".wh.gone").exists() and (base / "low" / "gone").exists()
+    assert (base / "up" / "e" / "g").read_text() == "g" and (base / "up" / ".wh.d").exists()
+    assert os.stat(base / "up" / "new").st_uid == uid
+    assert (base / "low" / "f").read_text() == "lower"
+    assert "INFO" in log.read_text() and "Traceback" not in log.read_text()
