@@ -54,38 +54,48 @@ def _only_excluded(parts: tuple[bytes, ...], path: bytes) -> bool:
 
 
 def scan_upper(upper: str):
-    """Yield UpperEntry items of a writable layer in sorted path order (parents first)."""
+    """Yield UpperEntry items of a writable layer in sorted path order (parents first).
 
-    def visit(parts: tuple[bytes, ...], path: bytes):
-        if parts and _xattr_opaque(path):
-            yield UpperEntry(parts, path, None, "opaque")
-        for name in sorted(os.listdir(path)):
-            cparts = parts + (name,)
-            if cparts in EXCLUDED:
-                continue
-            full = os.path.join(path, name)
-            if name == OPAQUE:
-                if parts:
-                    yield UpperEntry(parts, full, None, "opaque")
-                continue
-            if name.startswith(WH + WH):
-                continue  # union/private metadata, never part of a layer
-            if name.startswith(WH):
-                yield UpperEntry(parts + (name[len(WH) :],), full, None, "whiteout")
-                continue
-            st = os.lstat(full)
-            if is_whiteout_device(st):
-                yield UpperEntry(cparts, full, st, "whiteout")
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                if _only_excluded(cparts, full):
-                    continue
-                yield UpperEntry(cparts, full, st, "file")
-                yield from visit(cparts, full)
-            else:
-                yield UpperEntry(cparts, full, st, "file")
+    Iterative (an explicit stack of directory listings), so any depth of nesting works.
+    """
+    stack = [_listing((), os.fsencode(upper))]
+    while stack:
+        item = next(stack[-1], None)
+        if item is None:
+            stack.pop()
+            continue
+        entry, descend = item
+        yield entry
+        if descend:
+            stack.append(_listing(entry.parts, entry.path))
 
-    yield from visit((), os.fsencode(upper))
+
+def _listing(parts: tuple[bytes, ...], path: bytes):
+    """(UpperEntry, descend?) for the directory `path` itself (if opaque) and its children."""
+    if parts and _xattr_opaque(path):
+        yield UpperEntry(parts, path, None, "opaque"), False
+    for name in sorted(os.listdir(path)):
+        cparts = parts + (name,)
+        if cparts in EXCLUDED:
+            continue
+        full = os.path.join(path, name)
+        if name == OPAQUE:
+            if parts:
+                yield UpperEntry(parts, full, None, "opaque"), False
+            continue
+        if name.startswith(WH + WH):
+            continue  # union/private metadata, never part of a layer
+        if name.startswith(WH):
+            yield UpperEntry(parts + (name[len(WH) :],), full, None, "whiteout"), False
+            continue
+        st = os.lstat(full)
+        if is_whiteout_device(st):
+            yield UpperEntry(cparts, full, st, "whiteout"), False
+        elif stat.S_ISDIR(st.st_mode):
+            if not _only_excluded(cparts, full):
+                yield UpperEntry(cparts, full, st, "file"), True
+        else:
+            yield UpperEntry(cparts, full, st, "file"), False
 
 
 def changes(upper: str, layer_dirs: list[str] | None) -> list[tuple[str, bytes]]:

@@ -96,6 +96,7 @@ class Extractor:
         self, root: str, allow_devices: bool | None = None, lower: LayerView | None = None
     ):
         self.lower = lower
+        self.lower_checked: set[tuple[bytes, ...]] = set()  # prefixes known not to be symlinks
         self.root_fd = os.open(root, DIR_FLAGS)
         self.as_root = os.geteuid() == 0
         self.allow_devices = self.as_root if allow_devices is None else allow_devices
@@ -138,10 +139,13 @@ class Extractor:
             return
         for i in range(1, len(parts)):
             prefix = tuple(parts[:i])
-            if prefix in self.dirs:
+            if prefix in self.dirs or prefix in self.lower_checked:
                 continue
             st = self.lower.lookup(prefix)
-            if st is not None and stat.S_ISLNK(st.st_mode):
+            if st is None:
+                return  # nothing below from here on
+            self.lower_checked.add(prefix)
+            if stat.S_ISLNK(st.st_mode):
                 raise LayerError(
                     f"entry {member!r}: would be written through the symlink {_show(list(prefix))} "
                     "of a lower layer; refused"
