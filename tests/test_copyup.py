@@ -143,3 +143,19 @@ def test_mmap_write_through_copy_up(union):
     union.umount()
     assert (union["up"] / "m").read_bytes() == b"abc3456789"
     assert (union["low"] / "m").read_bytes() == b"0123456789"
+
+
+def test_truncating_changes_copy_only_what_survives(union):
+    data = os.urandom(4 << 20)
+    for name in ("t1", "t2"):
+        (union["low"] / name).write_bytes(data)
+        os.chmod(union["low"] / name, 0o604)
+    union.mount()
+    with open(union / "t1", "wb") as f:  # O_TRUNC
+        f.write(b"fresh")
+    os.truncate(union / "t2", 1000)
+    assert (union / "t1").read_bytes() == b"fresh"
+    assert (union / "t2").read_bytes() == data[:1000]
+    assert (union["up"] / "t2").read_bytes() == data[:1000]
+    assert stat.S_IMODE(os.stat(union["up"] / "t1").st_mode) == 0o604
+    assert (union["low"] / "t1").read_bytes() == data

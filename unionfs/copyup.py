@@ -68,8 +68,10 @@ def set_owner(dirfd: int, name: bytes, uid: int, gid: int) -> None:
 class CopyJob:
     """One entry being copied from (SRC_DIRFD, NAME) into the work area of a writable branch."""
 
-    def __init__(self, src_dirfd: int, name: bytes, st: os.stat_result, work_fd: int):
+    def __init__(self, src_dirfd: int, name: bytes, st: os.stat_result, work_fd: int,
+                 limit: int | None = None):
         self.src_dirfd = src_dirfd
+        self.limit = limit  # copy only this many bytes (the change truncates the file anyway)
         self.name = name
         self.st = st
         self.work_fd = work_fd
@@ -80,7 +82,10 @@ class CopyJob:
 
     @property
     def size(self) -> int:
-        return self.st.st_size if stat.S_ISREG(self.st.st_mode) else 0
+        """How many bytes the copy moves."""
+        if not stat.S_ISREG(self.st.st_mode):
+            return 0
+        return self.st.st_size if self.limit is None else min(self.limit, self.st.st_size)
 
     def prepare(self) -> None:
         """Create the temporary entry (for a file: open both ends)."""
@@ -102,7 +107,7 @@ class CopyJob:
     def copy_data(self) -> None:
         """The long part for big files; safe to run in a worker thread."""
         if self._dst is not None:
-            syscalls.copy_data(self._src, self._dst, self.st.st_size)
+            syscalls.copy_data(self._src, self._dst, self.size)
             os.fdatasync(self._dst)
 
     def finish(self) -> None:

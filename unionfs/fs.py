@@ -103,8 +103,11 @@ class UnionOperations(pyfuse3.Operations):
         node.lookups += 1
         return self._attrs(node, st)
 
-    async def _copy_up(self, node: Node) -> None:
-        """Copy NODE up before a change; big files are copied in a worker thread."""
+    async def _copy_up(self, node: Node, limit: int | None = None) -> None:
+        """Copy NODE up before a change; big files are copied in a worker thread.
+
+        LIMIT: the change truncates the file to that size, so no more needs copying.
+        """
         union = self.union
         if not union.needs_copy_up(node):
             return
@@ -113,7 +116,7 @@ class UnionOperations(pyfuse3.Operations):
             async with lock:
                 if not union.needs_copy_up(node):
                     return
-                job = union.prepare_copy_up(node)
+                job = union.prepare_copy_up(node, limit)
                 if job is None:
                     return
                 try:
@@ -163,7 +166,7 @@ class UnionOperations(pyfuse3.Operations):
     @_handler
     async def setattr(self, inode, attr, fields, fh, ctx):
         node = self._node(inode)
-        await self._copy_up(node)
+        await self._copy_up(node, attr.st_size if fields.update_size else None)
         st = self.union.setattr(
             node,
             fh if fh is not None and fh in self._file_nodes else None,
@@ -230,7 +233,7 @@ class UnionOperations(pyfuse3.Operations):
         node = self._node(inode)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
             self.union.require_writable()
-            await self._copy_up(node)
+            await self._copy_up(node, 0 if flags & os.O_TRUNC else None)
         fd = self.union.open(node, flags)
         node.opens += 1
         self._file_nodes[fd] = node

@@ -416,8 +416,11 @@ class Union:
     def needs_copy_up(self, node: Node) -> bool:
         return node.ino != ROOT_INO and not self.branches[node.branch].writable
 
-    def prepare_copy_up(self, node: Node) -> CopyJob | None:
-        """Start copying NODE up to the top writable branch; None if nothing is to copy."""
+    def prepare_copy_up(self, node: Node, limit: int | None = None) -> CopyJob | None:
+        """Start copying NODE up to the top writable branch; None if nothing is to copy.
+
+        LIMIT: the change that follows truncates the file to that size, so copy no more.
+        """
         if not self.needs_copy_up(node):
             return None
         t = self.require_writable()
@@ -433,7 +436,7 @@ class Union:
             raise _err(errno.ENOENT, node.path)
         if syscalls.exists_at(pfd, node.name):
             raise _err(errno.EEXIST, node.path)
-        job = CopyJob(src, node.name, st, self.branches[t].work_fd)
+        job = CopyJob(src, node.name, st, self.branches[t].work_fd, limit)
         try:
             job.prepare()
         except BaseException:
