@@ -685,3 +685,17 @@ def test_rootless_with_only_its_own_id(single_id_user, rootfs, tmp_path):
     res = run("-u", "1000", rootfs["root"], "--", "id")
     assert res.returncode == 2
     assert len(lines(res.stderr)) == 1 and b"/etc/subuid" in res.stderr
+
+
+def test_namespaces_are_new(runner, rootfs):
+    kinds = ["mnt", "pid", "uts", "ipc", "cgroup", "net", "user"]
+    script = "for n in " + " ".join(kinds) + "; do readlink /proc/self/ns/$n; done"
+    res = runner("--net", "none", rootfs["root"], "--", "sh", "-c", script)
+    assert res.returncode == 0, res.stderr
+    inside = dict(zip(kinds, lines(res.stdout), strict=True))
+    host = {k: os.readlink(f"/proc/self/ns/{k}") for k in kinds}
+    for kind in ("mnt", "pid", "uts", "ipc", "cgroup", "net"):
+        assert inside[kind] != host[kind], kind
+    assert (inside["user"] != host["user"]) == (runner.mode == "rootless")
+    res = runner("--net", "host", rootfs["root"], "--", "readlink", "/proc/self/ns/net")
+    assert res.stdout.decode().strip() == host["net"]
