@@ -192,6 +192,7 @@ def run(args, command_line: str) -> dict:
     log("warming the page cache ...")
     warm_page_cache(layers.root)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    load_before = os.getloadavg()[0]
     for rep in range(args.reps):
         for index, scenario in enumerate(scenarios):
             shift = (rep + index) % len(args.systems)
@@ -208,6 +209,7 @@ def run(args, command_line: str) -> dict:
         "reps": args.reps,
         "systems": args.systems,
         "machine": report.machine(),
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "summary": summary,
     }
 
@@ -242,7 +244,7 @@ def publish(args, data: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    command_line = " ".join(["python -m bench", *map(shlex.quote, argv)])
+    command_line = " ".join([".venv/bin/python -m bench", *map(shlex.quote, argv)])
     try:
         args = parse_args(argv)
         data = run(args, command_line)
