@@ -72,6 +72,10 @@ def _say(message: str) -> None:
         pass
 
 
+def _end_with_parent() -> None:
+    libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _read_line(fd: int) -> str:
     data = b""
     while not data.endswith(b"\n"):
@@ -134,7 +138,8 @@ class Runner:
         self.workspace = ""
         self.cgroup: Cgroup | None = None
         self.init_pid = 0
-        self.pending: list[int] = []
+        self.keeper_pid = 0
+        self.aborted_by = 0  # a signal that arrived before the container was started
 
     # --- runner process -------------------------------------------------------------
 
@@ -193,6 +198,7 @@ class Runner:
                 _say(f"runner failed: {e}")
             finally:
                 os._exit(code)
+        self.keeper_pid = keeper
         os.close(to_keeper_r)
         os.close(from_keeper_w)
         os.close(pid_w)
@@ -208,10 +214,8 @@ class Runner:
                         _say(f"cannot map user ids: {e}")
             os.close(to_keeper_w)
             pid_text = _read_line(pid_r)
-            if pid_text.isdigit():
+            if pid_text.isdigit() and not self.aborted_by:
                 self.init_pid = int(pid_text)
-                for sig in self.pending:
-                    self._forward(sig, None)
             if tty_parent:
                 try:
                     relay(tty_parent)
@@ -225,18 +229,23 @@ class Runner:
             os.close(pid_r)
             if tty_parent:
                 tty_parent.close()
+        if self.aborted_by:
+            return 128 + self.aborted_by
         if os.WIFSIGNALED(status):
             return 128 + os.WTERMSIG(status)
         return os.WEXITSTATUS(status)
 
     def _forward(self, signum, _frame) -> None:
-        if not self.init_pid:
-            self.pending.append(signum)
-            return
-        try:
-            os.kill(self.init_pid, signum)
-        except ProcessLookupError:
-            pass
+        """Pass a signal to the container's init; before the container exists, abort the run."""
+        target, sig = self.init_pid, signum
+        if not target:
+            self.aborted_by = self.aborted_by or signum
+            target, sig = self.keeper_pid, signal.SIGKILL  # everything below dies with it
+        if target:
+            try:
+                os.kill(target, sig)
+            except ProcessLookupError:
+                pass
 
     # --- keeper: owns the mount namespace with the union -------------------------------
 
@@ -297,7 +306,12 @@ class Runner:
         cmd += [format_branches(branches), mnt]
         with open(self._log_path(), "wb") as log:
             daemon = subprocess.Popen(
-                cmd, cwd="/", stdin=subprocess.DEVNULL, stdout=log, stderr=log
+                cmd,
+                cwd="/",
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                preexec_fn=_end_with_parent,  # SIGTERM: the daemon unmounts and exits
             )
         deadline = time.monotonic() + MOUNT_TIMEOUT
         while os.stat(mnt).st_dev == before:

@@ -699,3 +699,30 @@ def test_namespaces_are_new(runner, rootfs):
     assert (inside["user"] != host["user"]) == (runner.mode == "rootless")
     res = runner("--net", "host", rootfs["root"], "--", "readlink", "/proc/self/ns/net")
     assert res.stdout.decode().strip() == host["net"]
+
+
+def test_signal_during_start_leaves_nothing(runner, rootfs):
+    proc = subprocess.Popen(
+        runner.cmd + [rootfs["root"], "--", "sleep", "1000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=runner.env,
+        user=runner.uid,
+        group=runner.gid,
+        extra_groups=[],
+        cwd="/",
+    )
+    try:
+        time.sleep(0.3)  # somewhere in the start-up: the outcome must be the same wherever
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode in (143, -signal.SIGTERM)
+    assert out == b""
+    deadline = time.monotonic() + 30
+    while marked_pids(runner.marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert_nothing_left(runner.marker)
