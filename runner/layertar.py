@@ -225,9 +225,7 @@ class Extractor:
 
     def _remove(self, pfd: int, name: bytes, old: os.stat_result) -> None:
         if stat.S_ISDIR(old.st_mode):
-            import shutil
-
-            shutil.rmtree(name, dir_fd=pfd)
+            remove_tree_at(pfd, name)
         else:
             os.unlink(name, dir_fd=pfd)
 
@@ -324,6 +322,43 @@ class Extractor:
                 os.utime(fd, (m.mtime, m.mtime))
             finally:
                 os.close(fd)
+
+
+def _open_for_removal(dir_fd: int, name: bytes) -> tuple[int, list[bytes]]:
+    """Open the directory `name`, delete its non-directories, return (fd, subdirectory names)."""
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if stat.S_IMODE(st.st_mode) & stat.S_IRWXU != stat.S_IRWXU:
+        os.chmod(name, stat.S_IMODE(st.st_mode) | stat.S_IRWXU, dir_fd=dir_fd)
+    fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+    subdirs = []
+    with os.scandir(fd) as it:
+        for entry in it:
+            if entry.is_dir(follow_symlinks=False):
+                subdirs.append(os.fsencode(entry.name))
+            else:
+                os.unlink(entry.name, dir_fd=fd)
+    return fd, subdirs
+
+
+def remove_tree_at(dir_fd: int, name: bytes) -> None:
+    """Delete the directory tree `name` below `dir_fd`: never following symlinks, without
+    recursion (any depth), and also when its directories were made read-only (rootless)."""
+    fd, subdirs = _open_for_removal(dir_fd, name)
+    stack = [(fd, subdirs, name)]
+    try:
+        while stack:
+            fd, subdirs, dname = stack[-1]
+            if subdirs:
+                child = subdirs.pop()
+                child_fd, child_subdirs = _open_for_removal(fd, child)
+                stack.append((child_fd, child_subdirs, child))
+                continue
+            os.close(fd)
+            stack.pop()
+            os.rmdir(dname, dir_fd=stack[-1][0] if stack else dir_fd)
+    finally:
+        for fd, _, _ in stack:
+            os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:

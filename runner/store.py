@@ -21,11 +21,10 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import stat
 import time
 from dataclasses import dataclass, field
 
+from runner.layertar import remove_tree_at
 from unionfs.errors import UsageError
 
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -80,30 +79,17 @@ def normalize_name(name: str) -> str:
 
 
 def remove_tree(path: str) -> None:
-    """Delete a directory tree, also one whose directories were made read-only (rootless layers)."""
+    """Delete a file or directory tree (any depth, also with read-only directories)."""
     if not os.path.lexists(path):
         return
     if not os.path.isdir(path) or os.path.islink(path):
         os.unlink(path)
         return
+    parent = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
     try:
-        shutil.rmtree(path)
-    except OSError:
-        _unlock_dirs(path)
-        shutil.rmtree(path)
-
-
-def _unlock_dirs(top: str) -> None:
-    """Give the owner full access to every directory under `top`, top-down."""
-    with contextlib.suppress(OSError):
-        os.chmod(top, stat.S_IMODE(os.lstat(top).st_mode) | stat.S_IRWXU)
-    for dirpath, dirnames, _ in os.walk(top):
-        for d in dirnames:
-            p = os.path.join(dirpath, d)
-            with contextlib.suppress(OSError):
-                st = os.lstat(p)
-                if stat.S_ISDIR(st.st_mode):
-                    os.chmod(p, stat.S_IMODE(st.st_mode) | stat.S_IRWXU)
+        remove_tree_at(parent, os.fsencode(os.path.basename(os.path.abspath(path))))
+    finally:
+        os.close(parent)
 
 
 def write_atomic(path: str, data: bytes, tmp_dir: str) -> None:

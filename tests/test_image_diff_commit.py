@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import tarfile
 import tempfile
 
@@ -271,22 +272,30 @@ def test_rootless_commit_maps_the_callers_ids_back_to_root(shared_dir):
     assert owners == {"srv": (0, 0, "", ""), "srv/f": (0, 0, "", "")}
 
 
-def test_deeply_nested_layer_diffs_and_commits(home):
+def test_deeply_nested_layer_diffs_commits_and_is_removed(home):
     """Nesting deeper than Python's recursion limit is handled (a container may create it)."""
     depth = 1100
-    upper = Store(home).prepare_container("deep", "busy:1")
-    fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY)
-    for _ in range(depth):
-        os.mkdir("d", dir_fd=fd)
-        nxt = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+    try:
+        upper = Store(home).prepare_container("deep", "busy:1")
+        fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY)
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            nxt = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        with open(os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "w") as f:
+            f.write("bottom\n")
         os.close(fd)
-        fd = nxt
-    with open(os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "w") as f:
-        f.write("bottom\n")
-    os.close(fd)
-    lines = pyunion("diff", "deep", home=home).stdout.decode().splitlines()
-    assert len(lines) == depth + 1 and lines[-1] == "A " + "/d" * depth + "/leaf"
-    pyunion("commit", "deep", "deep:1", home=home)
-    diff_id = inspect(home, "deep:1")["RootFS"]["Layers"][-1]
-    leaf = os.path.join(home, "layers", diff_id[7:], "tree", *(["d"] * depth), "leaf")
-    assert open(leaf).read() == "bottom\n"
+        lines = pyunion("diff", "deep", home=home).stdout.decode().splitlines()
+        assert len(lines) == depth + 1 and lines[-1] == "A " + "/d" * depth + "/leaf"
+        pyunion("commit", "deep", "deep:1", home=home)
+        diff_id = inspect(home, "deep:1")["RootFS"]["Layers"][-1]
+        layer = os.path.join(home, "layers", diff_id[7:])
+        leaf = os.path.join(layer, "tree", *(["d"] * depth), "leaf")
+        assert open(leaf).read() == "bottom\n"
+        pyunion("rm", "deep", home=home)
+        pyunion("image", "rm", "deep:1", home=home)
+        assert not os.path.exists(upper) and not os.path.exists(layer)
+    finally:
+        # pytest's own clean-up of old temporary directories recurses; never leave a deep tree
+        subprocess.run(["rm", "-rf", home], check=True)
