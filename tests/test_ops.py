@@ -156,3 +156,33 @@ def test_truncate_and_large_io(union):
         f.seek(0, 2)
         f.write(b"tail")
     assert (union / "big").read_bytes() == data[: 1 << 20] + b"tail"
+
+
+def test_xattrs_on_the_root(union):
+    union.mount()
+    os.setxattr(union.mnt, "user.top", b"1")
+    assert os.getxattr(union.mnt, "user.top") == b"1"
+    assert "user.top" in os.listxattr(union.mnt)
+    assert os.getxattr(union["up"], "user.top") == b"1"
+    os.removexattr(union.mnt, "user.top")
+    assert "user.top" not in os.listxattr(union["up"])
+
+
+def test_posix_acls_copied_up_and_enforced(shared_union, test_user):
+    import subprocess
+    union = shared_union
+    uid, gid = test_user
+    (union["low"] / "f").write_text("secret")
+    os.chmod(union["low"] / "f", 0o600)
+    union.mount()
+    subprocess.run(["setfacl", "-m", f"u:{uid}:r", union / "f"], check=True)
+    acl = subprocess.run(["getfacl", "-c", union["up"] / "f"], capture_output=True, text=True).stdout
+    assert f"user:{uid}:r--" in acl or "user:pyuniontest:r--" in acl
+    assert "system.posix_acl_access" not in os.listxattr(union["low"] / "f")
+
+    def read():
+        assert open(union / "f").read() == "secret"
+
+    assert as_user(uid, gid, read) == 0
+    subprocess.run(["setfacl", "-b", union / "f"], check=True)
+    assert as_user(uid, gid, read) != 0

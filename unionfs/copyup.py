@@ -69,7 +69,8 @@ class CopyJob:
     """One entry being copied from (SRC_DIRFD, NAME) into the work area of a writable branch."""
 
     def __init__(self, src_dirfd: int, name: bytes, st: os.stat_result, work_fd: int,
-                 limit: int | None = None):
+                 limit: int | None = None, sync: bool = True):
+        self.sync = sync  # flush the data before publishing (off: overlayfs' "volatile")
         self.src_dirfd = src_dirfd
         self.limit = limit  # copy only this many bytes (the change truncates the file anyway)
         self.name = name
@@ -108,7 +109,8 @@ class CopyJob:
         """The long part for big files; safe to run in a worker thread."""
         if self._dst is not None:
             syscalls.copy_data(self._src, self._dst, self.size)
-            os.fdatasync(self._dst)
+            if self.sync:
+                os.fdatasync(self._dst)
 
     def finish(self) -> None:
         """Owner, mode, xattrs and times, in that order (chown clears set-id bits)."""

@@ -55,6 +55,9 @@ class UnionOperations(pyfuse3.Operations):
     """FUSE requests for a Union."""
 
     supports_dot_lookup = True
+    # The kernel checks POSIX ACLs itself and caches them per inode (ls -l asks for them for
+    # every file); they live in the branches as the usual system.posix_acl_* xattrs.
+    enable_acl = True
 
     def __init__(self, union: Union, entry_timeout: float = 86400.0, attr_timeout: float = 86400.0,
                  negative_timeout: float = 86400.0, writeback: bool = False, debug: bool = False):

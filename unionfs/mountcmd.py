@@ -36,6 +36,7 @@ class MountOptions:
     attr_timeout: float = 86400.0
     negative_timeout: float = 86400.0
     writeback: bool = False
+    volatile: bool = False
     logfile: str | None = None
     fsname: str = "pyunion"
     workdir: str | None = None
@@ -76,6 +77,8 @@ def parse_options(items: list[str]) -> MountOptions:
                 setattr(o, key, _seconds(key, value))
             elif key in ("writeback", "nowriteback") and not sep:
                 o.writeback = key == "writeback"
+            elif key == "volatile" and not sep:
+                o.volatile = True
             elif key in ("logfile", "fsname", "workdir", "lowerdir", "upperdir") and sep:
                 if not value:
                     raise UsageError(f"option {key} needs a value")
@@ -264,7 +267,7 @@ def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: b
 
     _setup_logging(o, debug, ready is None)
     os.umask(0)  # modes come from the kernel with the caller's umask applied
-    union = Union(specs, workdir=workdir, readonly=o.readonly)
+    union = Union(specs, workdir=workdir, readonly=o.readonly, sync=not o.volatile)
     ops = UnionOperations(union, o.entry_timeout, o.attr_timeout, o.negative_timeout, o.writeback, debug)
     fuse_options = {f"fsname={o.fsname}", "subtype=pyunion"} | set(o.kernel_flags)
     if o.default_permissions:

@@ -69,7 +69,9 @@ class DirHandle:
 class Union:
     """A union of branch directories, top first."""
 
-    def __init__(self, specs: list[BranchSpec], workdir: str | None = None, readonly: bool = False):
+    def __init__(self, specs: list[BranchSpec], workdir: str | None = None, readonly: bool = False,
+                 sync: bool = True):
+        self.sync = sync  # fsync copied-up data before publishing it
         self.branches: list[Branch] = []
         try:
             for i, spec in enumerate(specs):
@@ -436,7 +438,7 @@ class Union:
             raise _err(errno.ENOENT, node.path)
         if syscalls.exists_at(pfd, node.name):
             raise _err(errno.EEXIST, node.path)
-        job = CopyJob(src, node.name, st, self.branches[t].work_fd, limit)
+        job = CopyJob(src, node.name, st, self.branches[t].work_fd, limit, self.sync)
         try:
             job.prepare()
         except BaseException:
@@ -872,19 +874,22 @@ class Union:
         dfd, name = self._location(node)
         return os.readlink(name, dir_fd=dfd)
 
-    def _xattr_path(self, node: Node) -> bytes:
+    def _xattr_path(self, node: Node) -> tuple[bytes, bool]:
+        """A /proc path for NODE's xattrs, and whether to follow it (only our own root fd link)."""
         if node.ino == ROOT_INO:
-            return syscalls.proc_path(self.branches[self.layers(node)[0]].fd)
+            return syscalls.proc_path(self.branches[self.layers(node)[0]].fd), True
         dfd, name = self._location(node)
-        return syscalls.proc_path(dfd, name)
+        return syscalls.proc_path(dfd, name), False
 
     def getxattr(self, node: Node, name: bytes) -> bytes:
         if is_internal_xattr(name) or name == CONTROL_XATTR:
             raise _err(errno.ENODATA)
-        return os.getxattr(self._xattr_path(node), name, follow_symlinks=False)
+        path, follow = self._xattr_path(node)
+        return os.getxattr(path, name, follow_symlinks=follow)
 
     def listxattr(self, node: Node) -> list[bytes]:
-        names = os.listxattr(self._xattr_path(node), follow_symlinks=False)
+        path, follow = self._xattr_path(node)
+        names = os.listxattr(path, follow_symlinks=follow)
         return [n for n in map(os.fsencode, names) if not is_internal_xattr(n)]
 
     def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
@@ -894,7 +899,8 @@ class Union:
         self.copy_up(node)
         if node.ino == ROOT_INO and not self.branches[self.layers(node)[0]].writable:
             raise _err(errno.EROFS)
-        os.setxattr(self._xattr_path(node), name, value, follow_symlinks=False)
+        path, follow = self._xattr_path(node)
+        os.setxattr(path, name, value, follow_symlinks=follow)
 
     def removexattr(self, node: Node, name: bytes) -> None:
         if is_internal_xattr(name):
@@ -903,7 +909,8 @@ class Union:
         self.copy_up(node)
         if node.ino == ROOT_INO and not self.branches[self.layers(node)[0]].writable:
             raise _err(errno.EROFS)
-        os.removexattr(self._xattr_path(node), name, follow_symlinks=False)
+        path, follow = self._xattr_path(node)
+        os.removexattr(path, name, follow_symlinks=follow)
 
     def statfs(self) -> os.statvfs_result:
         return os.statvfs(self.branches[self.top_rw if self.top_rw is not None else 0].fd)
