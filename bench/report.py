@@ -13,8 +13,13 @@ SUBJECT = "pyunion"
 SLOWEST_PEER = "unionfs-fuse"
 
 
-def summarize(samples: dict, errors: dict, memory: dict, steps: list, systems: list[str]) -> dict:
-    """Medians and ratios per step; a step's ratio is system median / fuse-overlayfs median."""
+def summarize(samples: dict, errors: dict, memory: dict, steps: list, systems: list[str],
+              cpu: dict | None = None) -> dict:
+    """Medians and ratios per step; a step's ratio is system median / fuse-overlayfs median.
+
+    `cpu` holds the FUSE daemons' CPU seconds per step, summarized as medians too.
+    """
+    cpu = cpu or {}
     result = {"steps": {}, "memory_kib": {}}
     for step in steps:
         medians = {
@@ -36,6 +41,8 @@ def summarize(samples: dict, errors: dict, memory: dict, steps: list, systems: l
             "median": medians,
             "ratio": ratios,
             "errors": {name: errs for name, errs in errors.get(step.name, {}).items() if errs},
+            "daemon_cpu": {name: statistics.median(v) for name, v in cpu.get(step.name, {}).items()
+                           if v and name in systems},
             "verdict": verdict,
         }
     for name, values in memory.items():
@@ -78,6 +85,18 @@ def format_table(summary: dict, systems: list[str]) -> str:
         if with_subject:
             row += ["", ""]
         rows.append(row)
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n"
+
+
+def format_cpu_table(summary: dict, systems: list[str]) -> str:
+    """A Markdown table of the FUSE daemons' median CPU seconds per workload ("" if none)."""
+    daemons = [s for s in systems if any(s in st.get("daemon_cpu", {}) for st in summary["steps"].values())]
+    if not daemons:
+        return ""
+    rows = [["workload", *(SYSTEMS[s].label for s in daemons)], ["---"] * (len(daemons) + 1)]
+    for name, step in summary["steps"].items():
+        cpu = step.get("daemon_cpu", {})
+        rows.append([name, *(f"{cpu[s]:.2f}" if s in cpu else "-" for s in daemons)])
     return "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n"
 
 
@@ -197,6 +216,10 @@ def results_markdown(data: dict, systems: list[str], chart_name: str | None) -> 
         "",
         format_table(summary, systems),
     ]
+    cpu_table = format_cpu_table(summary, systems)
+    if cpu_table:
+        lines += ["CPU seconds used by each FUSE daemon during the timed command (median; less "
+                  "sensitive than wall time to other load on the machine):", "", cpu_table]
     errors = format_errors(summary)
     if errors:
         lines += ["Failed runs:", "", errors]

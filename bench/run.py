@@ -17,7 +17,7 @@ from bench.workloads import SCENARIOS_BY_NAME, Scenario, environment, timed_step
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "out"
-DEFAULT_REPS = 5
+DEFAULT_REPS = 7
 
 
 class BenchError(Exception):
@@ -117,6 +117,7 @@ class Collector:
     def __init__(self, steps):
         self.samples = {s.name: {} for s in steps}
         self.errors = {s.name: {} for s in steps}
+        self.cpu = {s.name: {} for s in steps}
         self.memory = {}
 
     def fail(self, step_names, system: str, message: str) -> None:
@@ -145,16 +146,19 @@ def run_scenario(scenario: Scenario, system: System, layers, scratch: Path,
     except MountError as e:
         collector.fail(timed, system.name, str(e))
         return f"mount failed: {e}"
-    times, problem = {}, None
+    times, cpu, problem = {}, {}, None
     try:
         env = environment(mounted.path, layers)
         for step in scenario.steps:
+            cpu_before = mounted.cpu_seconds()
             elapsed, problem = run_command(step.command, env)
             if problem:
                 problem = f"{step.name}: {problem}"
                 break
             if step.timed:
                 times[step.name] = elapsed
+                if cpu_before is not None:
+                    cpu[step.name] = mounted.cpu_seconds() - cpu_before
         if not problem and scenario.check:
             problem = scenario.check(mounted.path, layers)
         if scenario.memory and mounted.pid:
@@ -173,6 +177,8 @@ def run_scenario(scenario: Scenario, system: System, layers, scratch: Path,
         return f"FAILED {problem}"
     for name, elapsed in times.items():
         collector.samples[name].setdefault(system.name, []).append(elapsed)
+    for name, seconds in cpu.items():
+        collector.cpu[name].setdefault(system.name, []).append(seconds)
     return "  ".join(f"{name} {t:.3f}s" for name, t in times.items())
 
 
@@ -200,7 +206,7 @@ def run(args, command_line: str) -> dict:
                 line = run_scenario(scenario, SYSTEMS[name], layers, scratch, collector)
                 log(f"[{rep + 1}/{args.reps}] {scenario.name:<13} {name:<14} {line}")
     summary = report.summarize(collector.samples, collector.errors, collector.memory, steps,
-                               args.systems)
+                               args.systems, collector.cpu)
     return {
         "command": command_line,
         "started": started,
@@ -219,6 +225,9 @@ def publish(args, data: dict) -> None:
     out = args.out.resolve()
     summary = data["summary"]
     print(report.format_table(summary, args.systems), end="")
+    cpu_table = report.format_cpu_table(summary, args.systems)
+    if cpu_table:
+        print("\nFUSE daemon CPU seconds (median):\n" + cpu_table, end="")
     errors = report.format_errors(summary)
     if errors:
         print("\nFailed runs:\n" + errors, end="")

@@ -26,6 +26,16 @@ class Mounted:
     pid: int | None = None
     cleanups: list = field(default_factory=list)
 
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU time the daemon (all its threads) has used so far."""
+        if self.pid is None:
+            return None
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def peak_memory_kib(self) -> int | None:
         """The daemon's peak resident set (VmHWM) so far, in KiB."""
         if self.pid is None:

@@ -53,6 +53,8 @@ def test_tiny_run_times_every_workload_on_native_and_pyunion(out):
             assert len(step["samples"][system]) == 1, (name, system)
             assert step["samples"][system][0] > 0
         assert step["errors"] == {}
+        assert set(step["daemon_cpu"]) == {"pyunion"}  # only FUSE systems have a daemon
+        assert step["daemon_cpu"]["pyunion"] >= 0
     assert data["summary"]["memory_kib"]["pyunion"] > 1024  # a Python daemon holds > 1 MiB
 
     table = done.stdout
