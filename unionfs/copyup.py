@@ -12,6 +12,7 @@ import os
 import stat
 
 from unionfs import syscalls
+from unionfs.layers import remove_tree_at
 from unionfs.whiteout import is_internal_xattr
 
 log = logging.getLogger(__name__)
@@ -141,8 +142,6 @@ class CopyJob:
             self._created = False
             try:
                 if stat.S_ISDIR(self.st.st_mode):
-                    from unionfs.layers import remove_tree_at
-
                     remove_tree_at(self.work_fd, self.tmp)
                 else:
                     os.unlink(self.tmp, dir_fd=self.work_fd)

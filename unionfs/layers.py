@@ -36,20 +36,8 @@ class Branch:
         return self._work_parent or (self.fd, WORKDIR)
 
     def clean_work(self) -> None:
-        """Empty the work area: leftovers of an interrupted copy-up are never published."""
-        parent, name = self._work_location()
-        st = syscalls.lstat_at(parent, name)
-        if st is None:
-            return
-        if not stat.S_ISDIR(st.st_mode):
-            os.unlink(name, dir_fd=parent)
-            return
-        fd = syscalls.open_beneath(parent, name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            for entry in os.scandir(fd):
-                _remove_tree_at(fd, os.fsencode(entry.name))
-        finally:
-            os.close(fd)
+        """Remove the work area: leftovers of an interrupted copy-up are never published."""
+        remove_tree_at(*self._work_location())
 
     @property
     def work_fd(self) -> int:
@@ -79,24 +67,39 @@ class Branch:
         os.close(self.fd)
 
 
-def _remove_tree_at(dirfd: int, name: bytes) -> None:
-    """Remove NAME in DIRFD recursively, never following symlinks."""
+def remove_tree_at(dirfd: int, name: bytes) -> None:
+    """Remove NAME in DIRFD and everything below it, never following a symlink.
+
+    Iterative, holding one fd per level, so any depth a container can create is fine.
+    """
     st = syscalls.lstat_at(dirfd, name)
     if st is None:
         return
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(name, dir_fd=dirfd)
         return
-    fd = syscalls.open_beneath(dirfd, name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    stack = [(dirfd, name, syscalls.open_beneath(dirfd, name, flags))]
     try:
-        for entry in os.scandir(fd):
-            _remove_tree_at(fd, os.fsencode(entry.name))
+        while stack:
+            parent, dname, fd = stack[-1]
+            subdir = None
+            for child in map(os.fsencode, os.listdir(fd)):
+                cst = syscalls.lstat_at(fd, child)
+                if cst is not None and stat.S_ISDIR(cst.st_mode):
+                    subdir = child
+                    break
+                if cst is not None:
+                    os.unlink(child, dir_fd=fd)
+            if subdir is not None:
+                stack.append((fd, subdir, syscalls.open_beneath(fd, subdir, flags)))
+                continue
+            stack.pop()
+            os.close(fd)
+            os.rmdir(dname, dir_fd=parent)
     finally:
-        os.close(fd)
-    os.rmdir(name, dir_fd=dirfd)
-
-
-remove_tree_at = _remove_tree_at
+        for _, _, fd in stack:
+            os.close(fd)
 
 
 class DirFdCache:
