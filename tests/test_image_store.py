@@ -43,9 +43,9 @@ def test_concurrent_imports_share_layers_without_damage(tmp_path, home):
                 [*PYUNION, "image", "import", archive], env=env, stderr=subprocess.PIPE
             )
         )
-    for p in procs:
-        assert p.wait(timeout=120) == 0, p.stderr.read().decode()
-        p.stderr.close()
+    results = [(p.communicate(timeout=120)[1], p.returncode) for p in procs]
+    for err, code in results:
+        assert code == 0, err.decode()
     for name, diff_ids in expected.items():
         assert inspect(home, name)["RootFS"]["Layers"] == diff_ids
     assert sorted(os.listdir(os.path.join(home, "layers"))) == sorted(
