@@ -267,6 +267,7 @@ def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: b
 
     _setup_logging(o, debug, ready is None)
     os.umask(0)  # modes come from the kernel with the caller's umask applied
+    _raise_fd_limit()
     union = Union(specs, workdir=workdir, readonly=o.readonly, sync=not o.volatile)
     ops = UnionOperations(union, o.entry_timeout, o.attr_timeout, o.negative_timeout, o.writeback, debug)
     fuse_options = {f"fsname={o.fsname}", "subtype=pyunion"} | set(o.kernel_flags)
@@ -312,6 +313,18 @@ def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: b
 
 
 READAHEAD_KB = 1024
+
+
+def _raise_fd_limit() -> None:
+    """Every open file of the mount's users is an fd of the daemon: allow as many as we may."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as e:
+            log.debug("cannot raise the fd limit: %s", e)
 
 
 def _raise_readahead(mountpoint: str) -> None:
