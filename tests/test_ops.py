@@ -186,3 +186,40 @@ def test_posix_acls_copied_up_and_enforced(shared_union, test_user):
     assert as_user(uid, gid, read) == 0
     subprocess.run(["setfacl", "-b", union / "f"], check=True)
     assert as_user(uid, gid, read) != 0
+
+
+def test_seek_data_hole_and_fallocate(union):
+    with open(union["low"] / "sparse", "wb") as f:
+        f.seek(1 << 20)
+        f.write(b"data")
+    union.mount()
+    fd = os.open(union / "sparse", os.O_RDONLY)
+    try:
+        assert os.lseek(fd, 0, os.SEEK_DATA) == 1 << 20
+        assert os.lseek(fd, 0, os.SEEK_HOLE) == 0
+    finally:
+        os.close(fd)
+    fd = os.open(union / "alloc", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, 1 << 20)
+        assert os.fstat(fd).st_size == 1 << 20
+        assert os.stat(union["up"] / "alloc").st_blocks * 512 >= 1 << 20
+        import subprocess
+        subprocess.run(["fallocate", "--punch-hole", "--offset", "0", "--length", "65536",
+                        str(union / "alloc")], check=True)
+        assert os.lseek(fd, 0, os.SEEK_HOLE) == 0
+    finally:
+        os.close(fd)
+
+
+def test_cached_listings_follow_changes(union):
+    (union["low"] / "d").mkdir()
+    (union["low"] / "d" / "a").write_text("a")
+    union.mount()
+    assert os.listdir(union / "d") == ["a"]
+    (union / "d" / "b").write_text("b")
+    assert sorted(os.listdir(union / "d")) == ["a", "b"]
+    os.unlink(union / "d" / "a")
+    assert os.listdir(union / "d") == ["b"]
+    os.rename(union / "d" / "b", union / "c")
+    assert os.listdir(union / "d") == [] and sorted(os.listdir(union.mnt)) == ["c", "d"]

@@ -277,6 +277,10 @@ def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: b
         fuse_options.add("allow_other")
     if union.readonly:
         fuse_options.add("ro")
+    from unionfs import lowlevel
+
+    if not lowlevel.install(pyfuse3):
+        log.info("running without lseek/fallocate and the kernel's readdir cache (see debug log)")
     try:
         pyfuse3.init(ops, mountpoint, fuse_options)
     except RuntimeError:
