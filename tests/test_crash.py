@@ -62,3 +62,31 @@ def test_kill_during_large_copy_up_leaves_old_content(union):
         f.seek(SIZE - len(chunk))
         assert f.read() == chunk
     assert os.path.getsize(union["low"] / "big") == SIZE
+
+
+def test_full_disk_during_copy_up_publishes_nothing(make_union, tmp_path):
+    import errno
+
+    import pytest
+
+    u = make_union(("up", "rw"), ("low", "ro+wh"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", u["up"]], check=True)
+    try:
+        data = os.urandom(3 << 20)
+        (u["low"] / "big").write_bytes(data)
+        (u["low"] / "small").write_text("fits")
+        u.mount()
+        with pytest.raises(OSError) as e:
+            with open(u / "big", "ab") as f:
+                f.write(b"x")
+        assert e.value.errno == errno.ENOSPC
+        assert (u / "big").read_bytes() == data  # still the lower file, whole
+        assert not (u["up"] / "big").exists()
+        assert os.listdir(u["up"] / ".wh..wh.pyunion") == []  # the partial copy was removed
+        with open(u / "small", "a") as f:  # the mount still works
+            f.write("+")
+        assert (u["up"] / "small").read_text() == "fits+"
+        u.umount()
+    finally:
+        subprocess.run(["umount", "-l", u["up"]], capture_output=True)
+    assert (u["low"] / "big").read_bytes() == data
