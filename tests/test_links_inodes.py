@@ -55,3 +55,25 @@ def test_link_count_after_unlink(union):
     os.unlink(union / "a")
     assert os.stat(union / "b").st_nlink == 1
     assert (union / "b").read_text() == "x"
+
+
+def test_lower_hard_links_stay_one_file_after_remount(union):
+    (union["low"] / "a").write_text("same")
+    (union["low"] / "d").mkdir()
+    os.link(union["low"] / "a", union["low"] / "d" / "b")
+    os.link(union["low"] / "a", union["low"] / "c")
+    union.mount()
+    with open(union / "a", "a") as f:  # only "a" was ever looked up
+        f.write("+a")
+    union.remount()
+    assert (union / "d" / "b").read_text() == "same+a"
+    assert sorted(os.listdir(union.mnt)) == ["a", "c", "d"]
+    assert (union / "c").read_text() == "same+a"
+    inos = {os.stat(union / p).st_ino for p in ("a", "c", "d/b")}
+    assert len(inos) == 1
+    assert os.stat(union / "a").st_nlink == 3
+    with open(union / "c", "a") as f:
+        f.write("+c")
+    assert (union / "d" / "b").read_text() == "same+a+c"
+    assert (union["low"] / "a").read_text() == "same"
+    assert os.stat(union["low"] / "a").st_nlink == 3

@@ -9,6 +9,8 @@ from unionfs import syscalls
 from unionfs.branches import BranchSpec
 from unionfs.whiteout import WORKDIR
 
+INDEX = b"index"  # in the work area: hard links to copies of hard-linked lower files
+
 
 class Branch:
     """One branch directory of a mounted union, held open by fd."""
@@ -22,6 +24,7 @@ class Branch:
         self.fd = os.open(self.path, syscalls.O_PATH_DIR)
         self.dev = os.fstat(self.fd).st_dev
         self._work_fd: int | None = None
+        self._index_fd: int | None = None
         self._work_parent: tuple[int, bytes] | None = None  # (dirfd, name) of the work area
 
     def use_workdir(self, path: str) -> None:
@@ -36,8 +39,47 @@ class Branch:
         return self._work_parent or (self.fd, WORKDIR)
 
     def clean_work(self) -> None:
-        """Remove the work area: leftovers of an interrupted copy-up are never published."""
-        remove_tree_at(*self._work_location())
+        """Empty the work area but for the index: leftovers of a copy-up are never published."""
+        parent, name = self._work_location()
+        st = syscalls.lstat_at(parent, name)
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            remove_tree_at(parent, name)
+            return
+        fd = syscalls.open_beneath(parent, name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for child in map(os.fsencode, os.listdir(fd)):
+                if child != INDEX:
+                    remove_tree_at(fd, child)
+        finally:
+            os.close(fd)
+        try:
+            os.rmdir(name, dir_fd=parent)  # unless an index is kept in it
+        except OSError:
+            pass
+
+    def index_entries(self) -> list[tuple[bytes, os.stat_result]]:
+        """The hard-link index: (name, lstat) of each entry (see Union._index)."""
+        parent, name = self._work_location()
+        try:
+            fd = syscalls.open_beneath(parent, name + b"/" + INDEX, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        try:
+            return [(n, os.stat(n, dir_fd=fd, follow_symlinks=False))
+                    for n in map(os.fsencode, os.listdir(fd))]
+        finally:
+            os.close(fd)
+
+    @property
+    def index_fd(self) -> int:
+        """The hard-link index directory inside the work area, created on first use."""
+        if self._index_fd is None:
+            try:
+                os.mkdir(INDEX, 0o700, dir_fd=self.work_fd)
+            except FileExistsError:
+                pass
+            self._index_fd = syscalls.open_beneath(self.work_fd, INDEX)
+        return self._index_fd
 
     @property
     def work_fd(self) -> int:
@@ -52,7 +94,14 @@ class Branch:
         return self._work_fd
 
     def close(self, remove_work: bool = True) -> None:
+        if self._index_fd is not None:
+            os.close(self._index_fd)
+            self._index_fd = None
         if self._work_fd is not None:
+            try:  # an empty index goes with the work area; a used one keeps it
+                os.rmdir(INDEX, dir_fd=self._work_fd)
+            except OSError:
+                pass
             os.close(self._work_fd)
             self._work_fd = None
             if remove_work:

@@ -90,6 +90,21 @@ class Union:
             raise
         self.dirs = DirFdCache(self.branches)
         self.origin: dict[Key, Key] = {}  # copied-up entry (dev, ino) -> key of its origin
+        # copies of hard-linked lower files, linked from the work area's index so that every
+        # name of the file finds the copy, after a remount too: origin key -> index name
+        self.index: dict[Key, bytes] = {}
+        # (dev, ino) of each copy -> how many names its lower file had (see attr_nlink)
+        self.indexed: dict[Key, int] = {}
+        if self.top_rw is not None:
+            for iname, ist in self.branches[self.top_rw].index_entries():
+                try:
+                    ident, _, links = iname.partition(b".")
+                    key = tuple(int(x, 16) for x in ident.split(b"-"))
+                    self.indexed[(ist.st_dev, ist.st_ino)] = int(links)
+                except ValueError:
+                    continue
+                self.index[key] = iname
+                self.origin[(ist.st_dev, ist.st_ino)] = key
         top = os.fstat(self.branches[0].fd)
         root = Node(ROOT_INO, (top.st_dev, top.st_ino), b"", 0, True)
         self.table = InodeTable(root)
@@ -245,7 +260,35 @@ class Union:
         p = self.probe(parent, name)
         if not p.entries:
             raise _err(errno.ENOENT, name)
+        if self._indexed_elsewhere(*p.entries[0]):
+            p = self._materialize(parent, name, p)
         return self._node_from(parent, name, p)
+
+    def _indexed_elsewhere(self, b: int, st: os.stat_result) -> bool:
+        """Whether a lower hard-linked file was copied up under another name (see _index)."""
+        return (bool(self.index) and st.st_nlink > 1 and stat.S_ISREG(st.st_mode)
+                and not self.branches[b].writable and (st.st_dev, st.st_ino) in self.index
+                and not self.readonly)
+
+    def _materialize(self, parent: Node, name: bytes, p: Probe) -> Probe:
+        """Link this name to the indexed copy of its file, so it shows the copy's data."""
+        b, st = p.entries[0]
+        t = self.top_rw
+        pfd = self.ensure_dir(t, parent)
+        os.link(self.index[(st.st_dev, st.st_ino)], name, src_dir_fd=self.branches[t].index_fd,
+                dst_dir_fd=pfd, follow_symlinks=False)
+        return self.probe(parent, name)
+
+    def _index(self, t: int, pfd: int, name: bytes, key: Key, st: os.stat_result, links: int) -> None:
+        """Record the copy of a hard-linked lower file (LINKS names there) in the index."""
+        iname = b"%x-%x.%d" % (*key, links)
+        try:
+            os.link(name, iname, src_dir_fd=pfd, dst_dir_fd=self.branches[t].index_fd,
+                    follow_symlinks=False)
+        except FileExistsError:
+            return
+        self.index[key] = iname
+        self.indexed[(st.st_dev, st.st_ino)] = links
 
     def _location(self, node: Node) -> tuple[int, bytes]:
         """(directory fd in the node's branch, name) of the node's data."""
@@ -318,6 +361,8 @@ class Union:
 
     def entry_attrs(self, parent: Node, name: bytes, b: int, st: os.stat_result) -> tuple[Node, os.stat_result]:
         """Node and attributes for a listed entry (as a lookup would give, without probing)."""
+        if self._indexed_elsewhere(b, st):
+            return self.lookup(parent, name)
         key = self._key(st)
         node = self.table.by_key.get(key)
         if node is not None and node.is_dir == stat.S_ISDIR(st.st_mode):
@@ -334,6 +379,10 @@ class Union:
     def attr_nlink(self, node: Node, st: os.stat_result) -> int:
         if node.is_dir and node.layers is not None and len(node.layers) > 1:
             return 1  # a merged directory's link count is unknown, as on overlayfs
+        if self.indexed and (st.st_dev, st.st_ino) in self.indexed:
+            # not counting the index's own link; names of the lower file that were not linked
+            # to the copy yet still count (approximate after some of them are removed)
+            return max(st.st_nlink - 1, self.indexed[(st.st_dev, st.st_ino)])
         return st.st_nlink
 
     # ----------------------------------------------------------------- writing helpers
@@ -463,6 +512,8 @@ class Union:
         new = syscalls.lstat_at(pfd, node.name)
         self.origin[(new.st_dev, new.st_ino)] = node.key
         node.branch = t
+        if job.st.st_nlink > 1 and stat.S_ISREG(job.st.st_mode):
+            self._index(t, pfd, node.name, node.key, new, job.st.st_nlink)
         self._link_aliases(node, t, pfd)
 
     def _link_aliases(self, node: Node, t: int, pfd: int) -> None:
