@@ -11,6 +11,7 @@ from runner.imagearchive import export_image, import_archive
 from runner.layerdiff import changes, commit_layer
 from runner.store import Image, Store, normalize_name, split_name
 from unionfs.errors import UsageError
+from unionfs.layers import branch_in_use
 
 CONFIG_KEYS = {"Cmd": None, "Entrypoint": None, "Env": None, "WorkingDir": "", "User": ""}
 
@@ -193,7 +194,7 @@ def cmd_rm(store: Store, argv: list[str]) -> int:
         c = store.load_container(name)
         if c is None:
             raise UsageError(f"no such container: {name}")
-        if not args.force and os.path.lexists(os.path.join(c.upper, ".wh..wh.pyunion")):
+        if not args.force and branch_in_use(c.upper):
             raise UsageError(
                 f"container {name} looks in use (its layer is mounted); stop it or use rm -f"
             )

@@ -128,3 +128,18 @@ def test_refresh_sees_direct_branch_edits(union):
     assert (union / "later").read_text() == "2"
     assert (union / "old").read_text() == "changed directly"
     assert sorted(os.listdir(union.mnt)) == ["later", "old"]
+
+
+def test_second_mount_of_a_writable_branch_is_refused(union, make_union):
+    from unionfs.layers import branch_in_use
+
+    union.mount()
+    assert branch_in_use(union["up"])
+    other = make_union(name="other")
+    other.branches = [("../u/up", "rw")]
+    r = pyunion("mount", union["up"], other.mnt)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == [f"pyunion: branch {union['up']}: in use by another pyunion mount"]
+    assert not is_mounted(other.mnt)
+    union.umount()
+    assert not branch_in_use(union["up"])

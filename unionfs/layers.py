@@ -1,6 +1,7 @@
 """Branches at run time: their root fds, work areas, and a bounded cache of directory fds."""
 
 import errno
+import fcntl
 import os
 import stat
 from collections import OrderedDict
@@ -38,24 +39,26 @@ class Branch:
     def _work_location(self) -> tuple[int, bytes]:
         return self._work_parent or (self.fd, WORKDIR)
 
-    def clean_work(self) -> None:
-        """Empty the work area but for the index: leftovers of a copy-up are never published."""
+    def lock(self) -> None:
+        """Open the work area and hold it locked while mounted: a second union is refused.
+
+        Leftovers of an interrupted copy-up are removed (the hard-link index stays).
+        """
         parent, name = self._work_location()
-        st = syscalls.lstat_at(parent, name)
-        if st is None or not stat.S_ISDIR(st.st_mode):
-            remove_tree_at(parent, name)
-            return
+        try:
+            os.mkdir(name, 0o700, dir_fd=parent)
+        except FileExistsError:
+            pass
         fd = syscalls.open_beneath(parent, name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            for child in map(os.fsencode, os.listdir(fd)):
-                if child != INDEX:
-                    remove_tree_at(fd, child)
-        finally:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             os.close(fd)
-        try:
-            os.rmdir(name, dir_fd=parent)  # unless an index is kept in it
-        except OSError:
-            pass
+            raise OSError(errno.EBUSY, "in use by another pyunion mount", self.path) from None
+        self._work_fd = fd
+        for child in map(os.fsencode, os.listdir(fd)):
+            if child != INDEX:
+                remove_tree_at(fd, child)
 
     def index_entries(self) -> list[tuple[bytes, os.stat_result]]:
         """The hard-link index: (name, lstat) of each entry (see Union._index)."""
@@ -83,37 +86,48 @@ class Branch:
 
     @property
     def work_fd(self) -> int:
-        """The work area's directory fd, created on first use (mode 0700)."""
+        """The work area's directory fd (see lock)."""
         if self._work_fd is None:
-            parent, name = self._work_location()
-            try:
-                os.mkdir(name, 0o700, dir_fd=parent)
-            except FileExistsError:
-                pass
-            self._work_fd = syscalls.open_beneath(parent, name)
+            self.lock()
         return self._work_fd
 
-    def close(self, remove_work: bool = True) -> None:
+    def close(self) -> None:
+        """Close the branch; an empty work area (and index) is removed, unlocking it."""
         if self._index_fd is not None:
             os.close(self._index_fd)
             self._index_fd = None
         if self._work_fd is not None:
-            try:  # an empty index goes with the work area; a used one keeps it
+            try:
                 os.rmdir(INDEX, dir_fd=self._work_fd)
+            except OSError:
+                pass
+            parent, name = self._work_location()
+            try:
+                os.rmdir(name, dir_fd=parent)
             except OSError:
                 pass
             os.close(self._work_fd)
             self._work_fd = None
-            if remove_work:
-                parent, name = self._work_location()
-                try:
-                    os.rmdir(name, dir_fd=parent)
-                except OSError:
-                    pass
         if self._work_parent is not None:
             os.close(self._work_parent[0])
             self._work_parent = None
         os.close(self.fd)
+
+
+def branch_in_use(path: str | bytes) -> bool:
+    """Whether a pyunion mount is using PATH as its writable branch (see Branch.lock)."""
+    try:
+        fd = os.open(os.path.join(os.fsencode(path), WORKDIR),
+                     os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def remove_tree_at(dirfd: int, name: bytes) -> None:

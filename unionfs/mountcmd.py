@@ -268,7 +268,11 @@ def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: b
     _setup_logging(o, debug, ready is None)
     os.umask(0)  # modes come from the kernel with the caller's umask applied
     _raise_fd_limit()
-    union = Union(specs, workdir=workdir, readonly=o.readonly, sync=not o.volatile)
+    try:
+        union = Union(specs, workdir=workdir, readonly=o.readonly, sync=not o.volatile)
+    except OSError as e:
+        where = os.fsdecode(e.filename) if e.filename else "a branch"
+        raise UsageError(f"branch {where}: {e.strerror}") from None
     ops = UnionOperations(union, o.entry_timeout, o.attr_timeout, o.negative_timeout, o.writeback, debug)
     fuse_options = {f"fsname={o.fsname}", "subtype=pyunion"} | set(o.kernel_flags)
     if o.default_permissions:

@@ -84,7 +84,7 @@ class Union:
             if not self.readonly:
                 for b in self.branches:
                     if b.writable:
-                        b.clean_work()
+                        b.lock()
         except BaseException:
             self.close()
             raise
