@@ -72,6 +72,13 @@ def _say(message: str) -> None:
         pass
 
 
+def _device_of(path: str) -> int | None:
+    try:
+        return os.stat(path).st_dev
+    except OSError:  # a mount whose daemon has gone away
+        return None
+
+
 def _end_with_parent() -> None:
     libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -150,15 +157,20 @@ class Runner:
         base = os.environ.get("XDG_RUNTIME_DIR") if self.rootless else None
         if base and not os.access(base, os.W_OK):
             base = None
-        self.workspace = tempfile.mkdtemp(prefix="pyunion-run-", dir=base)
-        os.chmod(self.workspace, 0o755)
+        for sig in RUNNER_FORWARDED:  # from here on a signal never leaves anything behind
+            signal.signal(sig, self._forward)
         try:
+            self.workspace = tempfile.mkdtemp(prefix="pyunion-run-", dir=base)
+            os.chmod(self.workspace, 0o755)
             self.cgroup = Cgroup.create(f"pyunion-{self.id}", spec.limits)
             return self._run_processes()
         finally:
+            for sig in RUNNER_FORWARDED:
+                signal.signal(sig, signal.SIG_DFL)
             if self.cgroup:
                 self.cgroup.remove()
-            shutil.rmtree(self.workspace, ignore_errors=True)
+            if self.workspace:
+                shutil.rmtree(self.workspace, ignore_errors=True)
 
     def _paths(self) -> tuple[str, str, str]:
         mnt = os.path.join(self.workspace, "root")
@@ -180,8 +192,8 @@ class Runner:
         tty_parent = tty_child = None
         if spec.tty:
             tty_parent, tty_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        for sig in RUNNER_FORWARDED:
-            signal.signal(sig, self._forward)
+        if self.aborted_by:
+            return 128 + self.aborted_by
         keeper = os.fork()
         if keeper == 0:
             code = EXIT_RUNNER
@@ -199,6 +211,8 @@ class Runner:
             finally:
                 os._exit(code)
         self.keeper_pid = keeper
+        if self.aborted_by:  # the signal came during the fork
+            os.kill(keeper, signal.SIGKILL)
         os.close(to_keeper_r)
         os.close(from_keeper_w)
         os.close(pid_w)
@@ -223,8 +237,6 @@ class Runner:
                     _say(f"terminal relay stopped: {e.strerror}")
             _, status = os.waitpid(keeper, 0)
         finally:
-            for sig in RUNNER_FORWARDED:
-                signal.signal(sig, signal.SIG_DFL)
             os.close(from_keeper_r)
             os.close(pid_r)
             if tty_parent:
@@ -301,7 +313,7 @@ class Runner:
     def _start_union(self, mnt: str, init: str, rw: str) -> subprocess.Popen:
         """Serve the union on mnt (the daemon's log goes to a file, shown only on failure)."""
         branches = [BranchSpec(rw, RW), BranchSpec(init, RO_WH), *self.spec.layers]
-        before = os.stat(mnt).st_dev
+        before = _device_of(mnt)
         cmd = [sys.executable, "-m", "unionfs", "mount", "-f", "-o", "allow_other"]
         cmd += [format_branches(branches), mnt]
         with open(self._log_path(), "wb") as log:
@@ -314,7 +326,7 @@ class Runner:
                 preexec_fn=_end_with_parent,  # SIGTERM: the daemon unmounts and exits
             )
         deadline = time.monotonic() + MOUNT_TIMEOUT
-        while os.stat(mnt).st_dev == before:
+        while _device_of(mnt) in (before, None):
             if daemon.poll() is not None:
                 raise RunError(f"the union filesystem did not mount: {self._last_log_line()}")
             if time.monotonic() > deadline:

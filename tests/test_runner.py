@@ -162,6 +162,10 @@ def runner(request, rootfs, tmp_path):
         env = _user_env(uid)
     marker = uuid.uuid4().hex
     env["PYUNION_TEST_MARKER"] = marker
+    workspaces = tmp_path / "tmpdir"  # where the runner makes its temporary directories
+    os.makedirs(workspaces)
+    os.chown(workspaces, uid, gid)
+    env["TMPDIR"] = str(workspaces)
 
     def run(*args, input=None, check_clean=True):
         res = subprocess.run(
@@ -177,6 +181,7 @@ def runner(request, rootfs, tmp_path):
         )
         if check_clean:
             assert_nothing_left(marker)
+            assert os.listdir(workspaces) == []
         return res
 
     run.mode = request.param
@@ -185,6 +190,7 @@ def runner(request, rootfs, tmp_path):
     run.cmd = cmd
     run.env = env
     run.marker = marker
+    run.workspaces = workspaces
     yield run
     kill_marked(marker)
 
@@ -292,8 +298,6 @@ def test_temporary_writable_layer_is_removed_and_lowers_unchanged(runner, rootfs
     res = runner(rootfs["root"], "--", "sh", "-c", "cat /etc/motd; ls /bin/newfile")
     assert lines(res.stdout) == ["image layer"]
     assert res.returncode != 0
-    leftovers = [n for n in os.listdir("/tmp") if n.startswith("pyunion-run-")]
-    assert leftovers == []
 
 
 def test_rw_dir_is_kept_and_seen_by_later_runs(runner, rootfs, tmp_path):
@@ -414,8 +418,9 @@ def test_net_none_has_only_loopback_up(runner, rootfs):
 
 def test_pid_namespace_and_zombie_reaping(runner, rootfs):
     script = (
-        "echo $$; sh -c 'sleep 0 & exit 0';"
-        " for i in $(seq 100); do ps -o stat,pid | grep -q '^Z' || break; sleep 0.05; done;"
+        "echo $$; sh -c 'sleep 0.1 & exit 0';"  # an orphan: pid 1 inherits and must reap it
+        " for i in $(seq 200); do ps -o stat,comm | grep -q -e '^Z' -e ' sleep$' || break;"
+        " sleep 0.05; done;"
         " ps -o pid,stat,args"
     )
     res = runner(rootfs["root"], "--", "sh", "-c", script)
@@ -538,6 +543,7 @@ def test_signals_reach_the_command(runner, rootfs, sig):
     while marked_pids(runner.marker) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert_nothing_left(runner.marker)
+    assert os.listdir(runner.workspaces) == []
 
 
 def test_background_processes_are_killed_at_the_end(runner, rootfs):
@@ -726,3 +732,4 @@ def test_signal_during_start_leaves_nothing(runner, rootfs):
     while marked_pids(runner.marker) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert_nothing_left(runner.marker)
+    assert os.listdir(runner.workspaces) == []
