@@ -119,6 +119,7 @@ class Collector:
         self.errors = {s.name: {} for s in steps}
         self.cpu = {s.name: {} for s in steps}
         self.memory = {}
+        self.failures = []
 
     def fail(self, step_names, system: str, message: str) -> None:
         for name in step_names:
@@ -173,6 +174,12 @@ def run_scenario(scenario: Scenario, system: System, layers, scratch: Path,
         if scenario.writes:
             os.sync()
     if problem:
+        if mounted.log and mounted.log.exists():  # keep the daemon's log for the post-mortem
+            kept = mounted.log.with_name(f"failed-{system.name}-{scenario.name}-{os.getpid()}-"
+                                         f"{len(collector.failures)}.log")
+            shutil.copyfile(mounted.log, kept)
+            problem += f" (daemon log: {kept})"
+        collector.failures.append(problem)
         collector.fail(timed, system.name, problem)
         return f"FAILED {problem}"
     for name, elapsed in times.items():

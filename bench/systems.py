@@ -25,6 +25,7 @@ class Mounted:
     path: Path
     pid: int | None = None
     cleanups: list = field(default_factory=list)
+    log: Path | None = None  # the daemon's stdout and stderr
 
     def cpu_seconds(self) -> float | None:
         """User + system CPU time the daemon (all its threads) has used so far."""
@@ -164,7 +165,9 @@ class _Fuse(_Layered):
 
     def mount(self, layers, scratch, private, writes):
         top, upper, mnt = self._dirs(scratch)
-        log = open(top / "daemon.log", "wb")
+        log_path = scratch.parent / "logs" / f"{self.name}.log"
+        log_path.parent.mkdir(exist_ok=True)
+        log = open(log_path, "wb")
         proc = subprocess.Popen(
             self.argv(layers, top, upper, mnt),
             stdin=subprocess.DEVNULL,
@@ -173,28 +176,22 @@ class _Fuse(_Layered):
             start_new_session=True,
         )
         log.close()
-        mounted = Mounted(mnt, pid=proc.pid, cleanups=[lambda: _remove_tree(top)])
-        mounted.cleanups.append(lambda: self._stop(proc, mnt, top))
+        mounted = Mounted(mnt, pid=proc.pid, cleanups=[lambda: _remove_tree(top)], log=log_path)
+        mounted.cleanups.append(lambda: self._stop(proc, mnt))
         deadline = time.monotonic() + MOUNT_TIMEOUT
         while not is_mounted(mnt):
             if proc.poll() is not None or time.monotonic() > deadline:
-                status = "timed out" if proc.returncode is None else f"exit {proc.returncode}"
-                message = f"{self.label} did not mount ({status}): {self._last_log_line(top)}"
+                status = "timed out" if proc.returncode is None else _exit_status(proc.returncode)
+                message = f"{self.label} did not mount ({status}): {_last_line(log_path)}"
                 self.unmount(mounted)
                 raise MountError(message)
             time.sleep(0.005)
         return mounted
 
-    @staticmethod
-    def _last_log_line(top: Path) -> str:
-        try:
-            lines = (top / "daemon.log").read_text(errors="replace").strip().splitlines()
-        except OSError:
-            lines = []
-        return lines[-1] if lines else "no message"
-
-    def _stop(self, proc: subprocess.Popen, mnt: Path, top: Path) -> None:
+    def _stop(self, proc: subprocess.Popen, mnt: Path) -> None:
         problem = None
+        if proc.poll() is not None:
+            problem = f"{self.label} daemon died during the run ({_exit_status(proc.returncode)})"
         if is_mounted(mnt):
             done = subprocess.run(self.unmount_argv(mnt), capture_output=True, text=True)
             if done.returncode != 0:
@@ -213,6 +210,20 @@ class _Fuse(_Layered):
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
         if problem:
             raise MountError(problem)
+
+
+def _exit_status(returncode: int) -> str:
+    if returncode < 0:
+        return f"killed by {signal.Signals(-returncode).name}"
+    return f"exit status {returncode}"
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        lines = []
+    return lines[-1] if lines else "no message"
 
 
 class FuseOverlayfs(_Fuse):
