@@ -1,95 +1,35 @@
-"""The union's semantics engine, free of FUSE: merged lookup, listing, copy-up, whiteouts, rename.
+"""The writable union: copy-up, whiteouts, creation, removal, rename, the hard-link index.
 
-Operations take and return Nodes and raise OSError(errno) where a check fails. Every branch
-access goes through directory fds (see syscalls and layers), so symlinks inside branches are
-never followed. Writes go to the top writable branch (or in place on a writable branch);
-read-only branches are never modified.
+Operations take and return Nodes and raise OSError(errno) where a check fails. Writes go to
+the top writable branch (or in place on a writable branch); read-only branches are never
+modified. Copies are built in the work area and published with one rename (see copyup).
 """
 
 import errno
 import logging
 import os
 import stat
-from dataclasses import dataclass, field
 
 from unionfs import syscalls
 from unionfs.branches import BranchSpec
 from unionfs.copyup import CopyJob, temp_name
-from unionfs.inodes import ROOT_INO, InodeTable, Key, Node, join
-from unionfs.layers import Branch, DirFdCache, remove_tree_at
-from unionfs.whiteout import (
-    CONTROL_XATTR,
-    OPAQUE,
-    OPAQUE_XATTRS,
-    is_internal_xattr,
-    is_reserved,
-    whited_out,
-    whiteout_name,
-)
+from unionfs.inodes import ROOT_INO, Key, Node, join
+from unionfs.layers import remove_tree_at
+from unionfs.merge import DirHandle, MergedView, Probe, oserror
+from unionfs.whiteout import OPAQUE, is_internal_xattr, whiteout_name
 
 log = logging.getLogger(__name__)
 
-WHITEOUT_LEN = len(whiteout_name(b""))
-_OPAQUE_XATTR_STRS = tuple(os.fsdecode(x) for x in OPAQUE_XATTRS)
+__all__ = ["DirHandle", "Union"]
 
 
-def _err(code: int, what: bytes | str | None = None) -> OSError:
-    return OSError(code, os.strerror(code), what)
-
-
-@dataclass
-class Probe:
-    """What the branches hold under one name of a directory, top-down until hidden."""
-
-    entries: list[tuple[int, os.stat_result]] = field(default_factory=list)
-    layers: list[int] = field(default_factory=list)  # for a directory winner: branches merged
-    stop: int = 0  # lowest branch whose entries of this name (or directory content) are visible
-
-    @property
-    def winner(self) -> tuple[int, os.stat_result] | None:
-        return self.entries[0] if self.entries else None
-
-    def below(self, branch: int) -> bool:
-        """Whether a branch lower than BRANCH holds a visible entry of this name."""
-        return any(b > branch for b, _ in self.entries)
-
-
-class DirHandle:
-    """An open directory: a snapshot of the merged listing, taken at the first read."""
-
-    __slots__ = ("node", "entries", "removed", "done")
-
-    def __init__(self, node: Node):
-        self.node = node
-        self.entries: list[tuple[bytes, int, os.stat_result]] | None = None
-        self.removed: set[bytes] = set()
-        self.done = False
-
-
-class Union:
-    """A union of branch directories, top first."""
+class Union(MergedView):
+    """A union of branch directories, top first, with its writes."""
 
     def __init__(self, specs: list[BranchSpec], workdir: str | None = None, readonly: bool = False,
                  sync: bool = True):
+        super().__init__(specs, workdir, readonly)
         self.sync = sync  # fsync copied-up data before publishing it
-        self.branches: list[Branch] = []
-        try:
-            for i, spec in enumerate(specs):
-                self.branches.append(Branch(i, spec))
-            writable = [b.index for b in self.branches if b.writable]
-            self.top_rw: int | None = None if readonly or not writable else writable[0]
-            self.readonly = self.top_rw is None
-            if workdir is not None and self.top_rw is not None:
-                self.branches[self.top_rw].use_workdir(workdir)
-            if not self.readonly:
-                for b in self.branches:
-                    if b.writable:
-                        b.lock()
-        except BaseException:
-            self.close()
-            raise
-        self.dirs = DirFdCache(self.branches)
-        self.origin: dict[Key, Key] = {}  # copied-up entry (dev, ino) -> key of its origin
         # copies of hard-linked lower files, linked from the work area's index so that every
         # name of the file finds the copy, after a remount too: origin key -> index name
         self.index: dict[Key, bytes] = {}
@@ -105,174 +45,20 @@ class Union:
                     continue
                 self.index[key] = iname
                 self.origin[(ist.st_dev, ist.st_ino)] = key
-        top = os.fstat(self.branches[0].fd)
-        root = Node(ROOT_INO, (top.st_dev, top.st_ino), b"", 0, True)
-        self.table = InodeTable(root)
-        self._root_layers(root)
-        base = os.statvfs(self.branches[self.top_rw if self.top_rw is not None else 0].fd)
-        self.namemax = max(1, base.f_namemax - WHITEOUT_LEN)
 
-    def close(self) -> None:
-        if hasattr(self, "dirs"):
-            self.dirs.clear()
-        for b in self.branches:
-            b.close()
-        self.branches = []
+    # ----------------------------------------------------------------- the hard-link index
 
-    # ----------------------------------------------------------------- resolution
-
-    def _opaque(self, branch: int, path: bytes) -> bool:
-        """Whether directory PATH in BRANCH hides the content of the branches below."""
-        fd = self.dirs.lookup(branch, path)
-        if fd is None:
-            return False
-        if syscalls.exists_at(fd, OPAQUE):
-            return True
-        try:
-            names = os.listxattr(syscalls.proc_path(fd))
-        except OSError:
-            return False
-        for x in _OPAQUE_XATTR_STRS:
-            if x in names:
-                try:
-                    if os.getxattr(syscalls.proc_path(fd), x) == b"y":
-                        return True
-                except OSError:
-                    pass
-        return False
-
-    def _root_layers(self, root: Node) -> None:
-        layers = []
-        for b in self.branches:
-            layers.append(b.index)
-            if b.honours_whiteouts and self._opaque(b.index, b""):
-                break
-        root.layers = tuple(layers)
-        root.stop = layers[-1]
-
-    def layers(self, node: Node) -> tuple[int, ...]:
-        """The branches a directory node merges, top first."""
-        if node.layers is None:
-            if node.ino == ROOT_INO:
-                self._root_layers(node)
-            else:
-                p = self.probe(node.parent, node.name)
-                if not p.entries or not stat.S_ISDIR(p.entries[0][1].st_mode):
-                    raise _err(errno.ENOENT, node.path)
-                node.layers, node.stop, node.branch = tuple(p.layers), p.stop, p.layers[0]
-        return node.layers
-
-    def probe(self, parent: Node, name: bytes, full: bool = False) -> Probe:
-        """Look NAME up in the branches of directory PARENT, top-down.
-
-        Stops at a whiteout, or (unless FULL) once the winner's merging is over; FULL collects
-        every visible entry below too (needed to know whether a removal needs a whiteout).
-        """
-        result = Probe(stop=parent.stop)
-        merging = True
-        path = join(parent.path, name)
-        for b in self.layers(parent):
-            br = self.branches[b]
-            dfd = self.dirs.lookup(b, parent.path)
-            if dfd is None:
-                continue
-            st = syscalls.lstat_at(dfd, name)
-            if st is not None:
-                if br.honours_whiteouts and syscalls.is_overlay_whiteout(st):
-                    if merging:
-                        result.stop = b
-                    break
-                result.entries.append((b, st))
-                if merging:
-                    if stat.S_ISDIR(st.st_mode):
-                        result.layers.append(b)
-                        if br.honours_whiteouts and self._opaque(b, path):
-                            merging = False
-                            result.stop = b
-                    else:
-                        merging = False
-                        result.stop = b if len(result.entries) == 1 else b - 1
-                if not merging and not full:
-                    break
-            if br.honours_whiteouts and syscalls.exists_at(dfd, whiteout_name(name)):
-                if merging:
-                    result.stop = b
-                break
-        return result
-
-    def check_name(self, name: bytes) -> None:
-        if is_reserved(name):
-            raise _err(errno.EPERM if name != b".wh." else errno.EINVAL, name)
-        if len(name) > self.namemax:
-            raise _err(errno.ENAMETOOLONG, name)
-
-    def _key(self, st: os.stat_result) -> Key:
-        k = (st.st_dev, st.st_ino)
-        return self.origin.get(k, k)
-
-    def _node_from(self, parent: Node, name: bytes, p: Probe) -> tuple[Node, os.stat_result]:
-        """The node for a probed name (created if new), with its attributes."""
-        b, st = p.entries[0]
-        key = self._key(st)
-        path = join(parent.path, name)
-        is_dir = stat.S_ISDIR(st.st_mode)
-        node = self.table.by_key.get(key)
-        if node is not None and node.is_dir != is_dir:
-            self.table.rekey(node, (-1, node.ino))
-            node = None
-        if node is None:
-            node = Node(self.table.ino_for(key), key, path, b, is_dir)
-            node.parent = parent
-            self.table.add(node)
-        elif is_dir:
-            node.path, node.parent, node.branch = path, parent, b
-        if is_dir:
-            node.layers, node.stop = tuple(p.layers), p.stop
-            return node, st
-        if path != node.path:
-            if node.branch == b and not self._alive(node):
-                node.path, node.parent = path, parent  # the old name is gone
-            else:
-                if node.aliases is None:
-                    node.aliases = {}
-                node.aliases[path] = parent
-        if node.branch != b:  # data already copied up through another name
-            st = self.stat(node)
-        return node, st
-
-    def _alive(self, node: Node) -> bool:
-        try:
-            self.stat(node)
-            return True
-        except OSError:
-            return False
-
-    def lookup(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
-        if name in (b".", b".."):
-            if name == b"." or parent.parent is None:
-                node = parent if name == b"." else self.table.root
-                return node, self.stat(node)
-            return parent.parent, self.stat(parent.parent)
-        if is_reserved(name):
-            raise _err(errno.ENOENT, name)
-        if len(name) > self.namemax:
-            raise _err(errno.ENAMETOOLONG, name)
-        p = self.probe(parent, name)
-        if not p.entries:
-            raise _err(errno.ENOENT, name)
-        if self._indexed_elsewhere(*p.entries[0]):
-            p = self._materialize(parent, name, p)
-        return self._node_from(parent, name, p)
-
-    def _indexed_elsewhere(self, b: int, st: os.stat_result) -> bool:
+    def _has_copy_elsewhere(self, b: int, st: os.stat_result) -> bool:
         """Whether a lower hard-linked file was copied up under another name (see _index)."""
         return (bool(self.index) and st.st_nlink > 1 and stat.S_ISREG(st.st_mode)
                 and not self.branches[b].writable and (st.st_dev, st.st_ino) in self.index
                 and not self.readonly)
 
-    def _materialize(self, parent: Node, name: bytes, p: Probe) -> Probe:
+    def _resolve_copy(self, parent: Node, name: bytes, p: Probe) -> Probe:
         """Link this name to the indexed copy of its file, so it shows the copy's data."""
         b, st = p.entries[0]
+        if not self._has_copy_elsewhere(b, st):
+            return p
         t = self.top_rw
         pfd = self.ensure_dir(t, parent)
         os.link(self.index[(st.st_dev, st.st_ino)], name, src_dir_fd=self.branches[t].index_fd,
@@ -290,106 +76,18 @@ class Union:
         self.index[key] = iname
         self.indexed[(st.st_dev, st.st_ino)] = links
 
-    def _location(self, node: Node) -> tuple[int, bytes]:
-        """(directory fd in the node's branch, name) of the node's data."""
-        parent = node.parent
-        return self.dirs.get(node.branch, parent.path), node.name
-
-    def stat(self, node: Node) -> os.stat_result:
-        if node.ino == ROOT_INO:
-            return os.fstat(self.branches[self.layers(node)[0]].fd)
-        try:
-            dfd, name = self._location(node)
-            st = syscalls.lstat_at(dfd, name)
-        except OSError:
-            st = None
-        if st is None:
-            st = self._stat_alias(node)
-        return st
-
-    def _stat_alias(self, node: Node) -> os.stat_result:
-        """The primary name of a hard-linked file is gone: continue under another one."""
-        for path, parent in list((node.aliases or {}).items()):
-            node.aliases.pop(path)
-            d = self.dirs.lookup(node.branch, parent.path)
-            name = path.rpartition(b"/")[2]
-            st = syscalls.lstat_at(d, name) if d is not None else None
-            if st is not None:
-                node.path, node.parent = path, parent
-                return st
-        raise _err(errno.ENOENT, node.path)
-
-    # ----------------------------------------------------------------- listing
-
-    def listdir(self, node: Node) -> list[tuple[bytes, int, os.stat_result]]:
-        """The merged listing of a directory: (name, branch, lstat) of each visible entry."""
-        seen: dict[bytes, tuple[int, os.stat_result]] = {}
-        hidden: set[bytes] = set()
-        order: list[bytes] = []
-        for b in self.layers(node):
-            br = self.branches[b]
-            pfd = self.dirs.lookup(b, node.path)
-            if pfd is None:
-                continue
-            fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
-            new_hidden = []
-            try:
-                with os.scandir(fd) as it:
-                    for e in it:
-                        name = os.fsencode(e.name)
-                        if is_reserved(name):
-                            if br.honours_whiteouts:
-                                h = whited_out(name)
-                                if h is not None:
-                                    new_hidden.append(h)
-                            continue
-                        if name in seen or name in hidden:
-                            continue
-                        try:
-                            st = e.stat(follow_symlinks=False)
-                        except FileNotFoundError:
-                            continue
-                        if br.honours_whiteouts and syscalls.is_overlay_whiteout(st):
-                            new_hidden.append(name)
-                            continue
-                        seen[name] = (b, st)
-                        order.append(name)
-            finally:
-                os.close(fd)
-            hidden.update(new_hidden)
-        return [(name, *seen[name]) for name in order]
-
-    def entry_attrs(self, parent: Node, name: bytes, b: int, st: os.stat_result) -> tuple[Node, os.stat_result]:
-        """Node and attributes for a listed entry (as a lookup would give, without probing)."""
-        if self._indexed_elsewhere(b, st):
-            return self.lookup(parent, name)
-        key = self._key(st)
-        node = self.table.by_key.get(key)
-        if node is not None and node.is_dir == stat.S_ISDIR(st.st_mode):
-            if node.is_dir:
-                return node, st
-            return self._node_from(parent, name, Probe(entries=[(b, st)]))
-        if stat.S_ISDIR(st.st_mode):
-            node = Node(self.table.ino_for(key), key, join(parent.path, name), b, True)
-            node.parent = parent  # layers are worked out when first needed
-            self.table.add(node)
-            return node, st
-        return self._node_from(parent, name, Probe(entries=[(b, st)]))
-
     def attr_nlink(self, node: Node, st: os.stat_result) -> int:
-        if node.is_dir and node.layers is not None and len(node.layers) > 1:
-            return 1  # a merged directory's link count is unknown, as on overlayfs
         if self.indexed and (st.st_dev, st.st_ino) in self.indexed:
             # not counting the index's own link; names of the lower file that were not linked
             # to the copy yet still count (approximate after some of them are removed)
             return max(st.st_nlink - 1, self.indexed[(st.st_dev, st.st_ino)])
-        return st.st_nlink
+        return super().attr_nlink(node, st)
 
     # ----------------------------------------------------------------- writing helpers
 
     def require_writable(self) -> int:
         if self.top_rw is None:
-            raise _err(errno.EROFS)
+            raise oserror(errno.EROFS)
         return self.top_rw
 
     def _target(self, parent: Node) -> int:
@@ -397,7 +95,7 @@ class Union:
         t = self.require_writable()
         self.layers(parent)
         if t > parent.stop:
-            raise _err(errno.EROFS, parent.path)  # it would be hidden by a branch above
+            raise oserror(errno.EROFS, parent.path)  # it would be hidden by a branch above
         return t
 
     def ensure_dir(self, t: int, node: Node) -> int:
@@ -407,12 +105,12 @@ class Union:
             return fd
         layers = self.layers(node)
         if t > node.stop:
-            raise _err(errno.EROFS, node.path)
+            raise oserror(errno.EROFS, node.path)
         pfd = self.ensure_dir(t, node.parent)
         src_fd = self.dirs.get(layers[0], node.parent.path)
         st = syscalls.lstat_at(src_fd, node.name)
         if st is None or not stat.S_ISDIR(st.st_mode):
-            raise _err(errno.ENOENT, node.path)
+            raise oserror(errno.ENOENT, node.path)
         job = CopyJob(src_fd, node.name, st, self.branches[t].work_fd)
         try:
             job.prepare()
@@ -476,7 +174,7 @@ class Union:
             return None
         t = self.require_writable()
         if t > node.branch:
-            raise _err(errno.EROFS, node.path)
+            raise oserror(errno.EROFS, node.path)
         if node.is_dir:
             self.ensure_dir(t, node)
             return None
@@ -484,9 +182,9 @@ class Union:
         src = self.dirs.get(node.branch, node.parent.path)
         st = syscalls.lstat_at(src, node.name)
         if st is None:
-            raise _err(errno.ENOENT, node.path)
+            raise oserror(errno.ENOENT, node.path)
         if syscalls.exists_at(pfd, node.name):
-            raise _err(errno.EEXIST, node.path)
+            raise oserror(errno.EEXIST, node.path)
         job = CopyJob(src, node.name, st, self.branches[t].work_fd, limit, self.sync)
         try:
             job.prepare()
@@ -502,7 +200,7 @@ class Union:
             src = self.dirs.get(node.branch, node.parent.path)
             st = syscalls.lstat_at(src, node.name)
             if st is None or (st.st_dev, st.st_ino) != (job.st.st_dev, job.st.st_ino):
-                raise _err(errno.ESTALE, node.path)  # the source went away meanwhile
+                raise oserror(errno.ESTALE, node.path)  # the source went away meanwhile
             pfd = self.ensure_dir(t, node.parent)
             job.finish()
             self._publish(job, pfd, node.name)
@@ -594,9 +292,9 @@ class Union:
         t = self._target(parent)
         p = self.probe(parent, name)
         if p.entries:
-            raise _err(errno.EEXIST, name)
+            raise oserror(errno.EEXIST, name)
         if p.stop < t:
-            raise _err(errno.EROFS, name)
+            raise oserror(errno.EROFS, name)
         pfd = self.ensure_dir(t, parent)
         return t, pfd, self._has_whiteout(pfd, name)
 
@@ -647,7 +345,7 @@ class Union:
 
     def mknod(self, parent: Node, name: bytes, mode: int, rdev: int, uid: int, gid: int):
         if stat.S_ISCHR(mode) and rdev == 0:
-            raise _err(errno.EPERM, name)  # that is how overlayfs spells a whiteout
+            raise oserror(errno.EPERM, name)  # that is how overlayfs spells a whiteout
         return self._make(parent, name, uid, gid, lambda fd, n: os.mknod(n, mode, rdev, dir_fd=fd))
 
     def symlink(self, parent: Node, name: bytes, target: bytes, uid: int, gid: int):
@@ -688,11 +386,11 @@ class Union:
 
     def link(self, node: Node, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
         if node.is_dir:
-            raise _err(errno.EPERM, name)
+            raise oserror(errno.EPERM, name)
         _, pfd, wh = self._prepare_new(parent, name)
         self.copy_up(node)
         if node.branch != self.top_rw:
-            raise _err(errno.EXDEV, name)
+            raise oserror(errno.EXDEV, name)
         sfd, sname = self._location(node)
         os.link(sname, name, src_dir_fd=sfd, dst_dir_fd=pfd, follow_symlinks=False)
         if wh:
@@ -722,20 +420,20 @@ class Union:
         self.require_writable()
         p = self.probe(parent, name, full=True)
         if not p.entries:
-            raise _err(errno.ENOENT, name)
+            raise oserror(errno.ENOENT, name)
         b, st = p.entries[0]
         is_dir = stat.S_ISDIR(st.st_mode)
         if want_dir and not is_dir:
-            raise _err(errno.ENOTDIR, name)
+            raise oserror(errno.ENOTDIR, name)
         if not want_dir and is_dir:
-            raise _err(errno.EISDIR, name)
+            raise oserror(errno.EISDIR, name)
         node = self.table.by_key.get(self._key(st))
         if is_dir:
             dnode = node or Node(0, (0, 0), join(parent.path, name), b, True)
             if node is None:
                 dnode.parent, dnode.layers, dnode.stop = parent, tuple(p.layers), p.stop
             if self.listdir(dnode):
-                raise _err(errno.ENOTEMPTY, name)
+                raise oserror(errno.ENOTEMPTY, name)
         if self.branches[b].writable:
             dfd = self.dirs.get(b, parent.path)
             if p.below(b):
@@ -767,36 +465,36 @@ class Union:
         self.check_name(new)
         src = self.probe(old_parent, old, full=True)
         if not src.entries:
-            raise _err(errno.ENOENT, old)
+            raise oserror(errno.ENOENT, old)
         dst = self.probe(new_parent, new, full=True)
         src_dir = stat.S_ISDIR(src.entries[0][1].st_mode)
         if dst.entries:
             if flags & syscalls.RENAME_NOREPLACE:
-                raise _err(errno.EEXIST, new)
+                raise oserror(errno.EEXIST, new)
             dst_dir = stat.S_ISDIR(dst.entries[0][1].st_mode)
             if not flags & syscalls.RENAME_EXCHANGE:
                 if src_dir and not dst_dir:
-                    raise _err(errno.ENOTDIR, new)
+                    raise oserror(errno.ENOTDIR, new)
                 if dst_dir and not src_dir:
-                    raise _err(errno.EISDIR, new)
+                    raise oserror(errno.EISDIR, new)
                 if self._key(src.entries[0][1]) == self._key(dst.entries[0][1]):
                     return  # two names of one file: nothing to do
                 if dst_dir:
                     dnode, _ = self._node_from(new_parent, new, dst)
                     if self.listdir(dnode):
-                        raise _err(errno.ENOTEMPTY, new)
+                        raise oserror(errno.ENOTEMPTY, new)
         elif flags & syscalls.RENAME_EXCHANGE:
-            raise _err(errno.ENOENT, new)
+            raise oserror(errno.ENOENT, new)
         if new_parent.path == join(old_parent.path, old) or new_parent.path.startswith(join(old_parent.path, old) + b"/"):
-            raise _err(errno.EINVAL, new)
+            raise oserror(errno.EINVAL, new)
         if t > old_parent.stop or t > new_parent.stop:
-            raise _err(errno.EROFS)
+            raise oserror(errno.EROFS)
 
         # everything involved must live in the top writable branch; an entry on another
         # writable branch is not moved across branches (mv copies on EXDEV)
         for p in (src, dst):
             if p.entries and p.entries[0][0] != t and self.branches[p.entries[0][0]].writable:
-                raise _err(errno.EXDEV, new)
+                raise oserror(errno.EXDEV, new)
         node = self._copy_up_name(old_parent, old, src, t)
         if node.is_dir and (len(self.layers(node)) > 1 or node.branch != t):
             self._copy_up_tree(node, t)
@@ -877,7 +575,7 @@ class Union:
                         for p, par in n.aliases.items()
                     }
 
-    # ----------------------------------------------------------------- attributes
+    # ----------------------------------------------------------------- data and attributes
 
     def open(self, node: Node, flags: int) -> int:
         """Open NODE's data; copied up first when opened for writing."""
@@ -894,7 +592,7 @@ class Union:
         if node.ino == ROOT_INO:
             dfd, name = self.branches[self.layers(node)[0]].fd, b"."
             if not self.branches[self.layers(node)[0]].writable:
-                raise _err(errno.EROFS)
+                raise oserror(errno.EROFS)
         else:
             dfd, name = self._location(node)
         if size is not None:
@@ -921,50 +619,25 @@ class Union:
             os.utime(name, ns=(atime_ns, mtime_ns), dir_fd=dfd, follow_symlinks=False)
         return self.stat(node)
 
-    def readlink(self, node: Node) -> bytes:
-        dfd, name = self._location(node)
-        return os.readlink(name, dir_fd=dfd)
-
-    def _xattr_path(self, node: Node) -> tuple[bytes, bool]:
-        """A /proc path for NODE's xattrs, and whether to follow it (only our own root fd link)."""
-        if node.ino == ROOT_INO:
-            return syscalls.proc_path(self.branches[self.layers(node)[0]].fd), True
-        dfd, name = self._location(node)
-        return syscalls.proc_path(dfd, name), False
-
-    def getxattr(self, node: Node, name: bytes) -> bytes:
-        if is_internal_xattr(name) or name == CONTROL_XATTR:
-            raise _err(errno.ENODATA)
-        path, follow = self._xattr_path(node)
-        return os.getxattr(path, name, follow_symlinks=follow)
-
-    def listxattr(self, node: Node) -> list[bytes]:
-        path, follow = self._xattr_path(node)
-        names = os.listxattr(path, follow_symlinks=follow)
-        return [n for n in map(os.fsencode, names) if not is_internal_xattr(n)]
-
     def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
         if is_internal_xattr(name):
-            raise _err(errno.EPERM)
+            raise oserror(errno.EPERM)
         self.require_writable()
         self.copy_up(node)
         if node.ino == ROOT_INO and not self.branches[self.layers(node)[0]].writable:
-            raise _err(errno.EROFS)
+            raise oserror(errno.EROFS)
         path, follow = self._xattr_path(node)
         os.setxattr(path, name, value, follow_symlinks=follow)
 
     def removexattr(self, node: Node, name: bytes) -> None:
         if is_internal_xattr(name):
-            raise _err(errno.ENODATA)
+            raise oserror(errno.ENODATA)
         self.require_writable()
         self.copy_up(node)
         if node.ino == ROOT_INO and not self.branches[self.layers(node)[0]].writable:
-            raise _err(errno.EROFS)
+            raise oserror(errno.EROFS)
         path, follow = self._xattr_path(node)
         os.removexattr(path, name, follow_symlinks=follow)
-
-    def statfs(self) -> os.statvfs_result:
-        return os.statvfs(self.branches[self.top_rw if self.top_rw is not None else 0].fd)
 
     def fsyncdir(self, node: Node) -> None:
         if node.branch is None or not self.branches[node.branch].writable:
@@ -976,36 +649,7 @@ class Union:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-
-    def branch_names(self, node: Node) -> set[bytes]:
-        """Every name any branch holds in directory NODE (whiteouts as the names they hide)."""
-        names: set[bytes] = set()
-        for b in self.layers(node):
-            pfd = self.dirs.lookup(b, node.path)
-            if pfd is None:
-                continue
-            fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
-            try:
-                for name in map(os.fsencode, os.listdir(fd)):
-                    names.add(whited_out(name) or name)
-            finally:
-                os.close(fd)
-        names.discard(OPAQUE)
-        return names
-
-    def refresh(self) -> list[Node]:
-        """Forget what is cached about the branches (after they were edited directly)."""
-        self.dirs.clear()
-        nodes = list(self.table.by_ino.values())
-        for n in nodes:
-            if n.is_dir:
-                n.layers = None
-        self._root_layers(self.table.root)
-        return nodes
-
-
 def _open_flags(flags: int) -> int:
     """Flags to open a branch file with, for a kernel open request."""
     flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND)
     return flags | os.O_NOFOLLOW | os.O_CLOEXEC
-

@@ -1,0 +1,388 @@
+"""The merged view, read side: branch resolution, lookup, listing and attributes.
+
+A name is looked up top-down through the branches of its directory: the first branch holding
+it wins, a non-directory hides everything below, directories merge down to an opaque one, and
+whiteouts hide names in the branches below theirs. Every access goes through directory fds
+(see syscalls and layers), so symlinks inside branches are never followed.
+"""
+
+import errno
+import os
+import stat
+from dataclasses import dataclass, field
+
+from unionfs import syscalls
+from unionfs.branches import BranchSpec
+from unionfs.inodes import ROOT_INO, InodeTable, Key, Node, join
+from unionfs.layers import Branch, DirFdCache
+from unionfs.whiteout import (
+    CONTROL_XATTR,
+    OPAQUE,
+    OPAQUE_XATTRS,
+    is_internal_xattr,
+    is_reserved,
+    whited_out,
+    whiteout_name,
+)
+
+WHITEOUT_LEN = len(whiteout_name(b""))
+_OPAQUE_XATTR_STRS = tuple(os.fsdecode(x) for x in OPAQUE_XATTRS)
+
+
+def oserror(code: int, what: bytes | str | None = None) -> OSError:
+    return OSError(code, os.strerror(code), what)
+
+
+@dataclass
+class Probe:
+    """What the branches hold under one name of a directory, top-down until hidden."""
+
+    entries: list[tuple[int, os.stat_result]] = field(default_factory=list)
+    layers: list[int] = field(default_factory=list)  # for a directory winner: branches merged
+    stop: int = 0  # lowest branch whose entries of this name (or directory content) are visible
+
+    @property
+    def winner(self) -> tuple[int, os.stat_result] | None:
+        return self.entries[0] if self.entries else None
+
+    def below(self, branch: int) -> bool:
+        """Whether a branch lower than BRANCH holds a visible entry of this name."""
+        return any(b > branch for b, _ in self.entries)
+
+
+class DirHandle:
+    """An open directory: a snapshot of the merged listing, taken at the first read."""
+
+    __slots__ = ("node", "entries", "removed", "done")
+
+    def __init__(self, node: Node):
+        self.node = node
+        self.entries: list[tuple[bytes, int, os.stat_result]] | None = None
+        self.removed: set[bytes] = set()
+        self.done = False
+
+
+class MergedView:
+    """Branch directories seen as one tree, top first (no writes: see union.Union)."""
+
+    def __init__(self, specs: list[BranchSpec], workdir: str | None = None, readonly: bool = False):
+        self.branches: list[Branch] = []
+        try:
+            for i, spec in enumerate(specs):
+                self.branches.append(Branch(i, spec))
+            writable = [b.index for b in self.branches if b.writable]
+            self.top_rw: int | None = None if readonly or not writable else writable[0]
+            self.readonly = self.top_rw is None
+            if workdir is not None and self.top_rw is not None:
+                self.branches[self.top_rw].use_workdir(workdir)
+            if not self.readonly:
+                for b in self.branches:
+                    if b.writable:
+                        b.lock()
+        except BaseException:
+            self.close()
+            raise
+        self.dirs = DirFdCache(self.branches)
+        self.origin: dict[Key, Key] = {}  # copied-up entry (dev, ino) -> key of its origin
+        top = os.fstat(self.branches[0].fd)
+        root = Node(ROOT_INO, (top.st_dev, top.st_ino), b"", 0, True)
+        self.table = InodeTable(root)
+        self._root_layers(root)
+        base = os.statvfs(self.branches[self.top_rw if self.top_rw is not None else 0].fd)
+        self.namemax = max(1, base.f_namemax - WHITEOUT_LEN)
+
+    def close(self) -> None:
+        if hasattr(self, "dirs"):
+            self.dirs.clear()
+        for b in self.branches:
+            b.close()
+        self.branches = []
+
+    def _opaque(self, branch: int, path: bytes) -> bool:
+        """Whether directory PATH in BRANCH hides the content of the branches below."""
+        fd = self.dirs.lookup(branch, path)
+        if fd is None:
+            return False
+        if syscalls.exists_at(fd, OPAQUE):
+            return True
+        try:
+            names = os.listxattr(syscalls.proc_path(fd))
+        except OSError:
+            return False
+        for x in _OPAQUE_XATTR_STRS:
+            if x in names:
+                try:
+                    if os.getxattr(syscalls.proc_path(fd), x) == b"y":
+                        return True
+                except OSError:
+                    pass
+        return False
+
+    def _root_layers(self, root: Node) -> None:
+        layers = []
+        for b in self.branches:
+            layers.append(b.index)
+            if b.honours_whiteouts and self._opaque(b.index, b""):
+                break
+        root.layers = tuple(layers)
+        root.stop = layers[-1]
+
+    def layers(self, node: Node) -> tuple[int, ...]:
+        """The branches a directory node merges, top first."""
+        if node.layers is None:
+            if node.ino == ROOT_INO:
+                self._root_layers(node)
+            else:
+                p = self.probe(node.parent, node.name)
+                if not p.entries or not stat.S_ISDIR(p.entries[0][1].st_mode):
+                    raise oserror(errno.ENOENT, node.path)
+                node.layers, node.stop, node.branch = tuple(p.layers), p.stop, p.layers[0]
+        return node.layers
+
+    def probe(self, parent: Node, name: bytes, full: bool = False) -> Probe:
+        """Look NAME up in the branches of directory PARENT, top-down.
+
+        Stops at a whiteout, or (unless FULL) once the winner's merging is over; FULL collects
+        every visible entry below too (needed to know whether a removal needs a whiteout).
+        """
+        result = Probe(stop=parent.stop)
+        merging = True
+        path = join(parent.path, name)
+        for b in self.layers(parent):
+            br = self.branches[b]
+            dfd = self.dirs.lookup(b, parent.path)
+            if dfd is None:
+                continue
+            st = syscalls.lstat_at(dfd, name)
+            if st is not None:
+                if br.honours_whiteouts and syscalls.is_overlay_whiteout(st):
+                    if merging:
+                        result.stop = b
+                    break
+                result.entries.append((b, st))
+                if merging:
+                    if stat.S_ISDIR(st.st_mode):
+                        result.layers.append(b)
+                        if br.honours_whiteouts and self._opaque(b, path):
+                            merging = False
+                            result.stop = b
+                    else:
+                        merging = False
+                        result.stop = b if len(result.entries) == 1 else b - 1
+                if not merging and not full:
+                    break
+            if br.honours_whiteouts and syscalls.exists_at(dfd, whiteout_name(name)):
+                if merging:
+                    result.stop = b
+                break
+        return result
+
+    def check_name(self, name: bytes) -> None:
+        if is_reserved(name):
+            raise oserror(errno.EPERM if name != b".wh." else errno.EINVAL, name)
+        if len(name) > self.namemax:
+            raise oserror(errno.ENAMETOOLONG, name)
+
+    def _key(self, st: os.stat_result) -> Key:
+        k = (st.st_dev, st.st_ino)
+        return self.origin.get(k, k)
+
+    def _node_from(self, parent: Node, name: bytes, p: Probe) -> tuple[Node, os.stat_result]:
+        """The node for a probed name (created if new), with its attributes."""
+        b, st = p.entries[0]
+        key = self._key(st)
+        path = join(parent.path, name)
+        is_dir = stat.S_ISDIR(st.st_mode)
+        node = self.table.by_key.get(key)
+        if node is not None and node.is_dir != is_dir:
+            self.table.rekey(node, (-1, node.ino))
+            node = None
+        if node is None:
+            node = Node(self.table.ino_for(key), key, path, b, is_dir)
+            node.parent = parent
+            self.table.add(node)
+        elif is_dir:
+            node.path, node.parent, node.branch = path, parent, b
+        if is_dir:
+            node.layers, node.stop = tuple(p.layers), p.stop
+            return node, st
+        if path != node.path:
+            if node.branch == b and not self._alive(node):
+                node.path, node.parent = path, parent  # the old name is gone
+            else:
+                if node.aliases is None:
+                    node.aliases = {}
+                node.aliases[path] = parent
+        if node.branch != b:  # data already copied up through another name
+            st = self.stat(node)
+        return node, st
+
+    def _alive(self, node: Node) -> bool:
+        try:
+            self.stat(node)
+            return True
+        except OSError:
+            return False
+
+    def lookup(self, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
+        if name in (b".", b".."):
+            if name == b"." or parent.parent is None:
+                node = parent if name == b"." else self.table.root
+                return node, self.stat(node)
+            return parent.parent, self.stat(parent.parent)
+        if is_reserved(name):
+            raise oserror(errno.ENOENT, name)
+        if len(name) > self.namemax:
+            raise oserror(errno.ENAMETOOLONG, name)
+        p = self.probe(parent, name)
+        if not p.entries:
+            raise oserror(errno.ENOENT, name)
+        return self._node_from(parent, name, self._resolve_copy(parent, name, p))
+
+    def _resolve_copy(self, parent: Node, name: bytes, p: Probe) -> Probe:
+        """Hook: the writable union redirects a name to an existing copy of its file."""
+        return p
+
+    def _location(self, node: Node) -> tuple[int, bytes]:
+        """(directory fd in the node's branch, name) of the node's data."""
+        parent = node.parent
+        return self.dirs.get(node.branch, parent.path), node.name
+
+    def stat(self, node: Node) -> os.stat_result:
+        if node.ino == ROOT_INO:
+            return os.fstat(self.branches[self.layers(node)[0]].fd)
+        try:
+            dfd, name = self._location(node)
+            st = syscalls.lstat_at(dfd, name)
+        except OSError:
+            st = None
+        if st is None:
+            st = self._stat_alias(node)
+        return st
+
+    def _stat_alias(self, node: Node) -> os.stat_result:
+        """The primary name of a hard-linked file is gone: continue under another one."""
+        for path, parent in list((node.aliases or {}).items()):
+            node.aliases.pop(path)
+            d = self.dirs.lookup(node.branch, parent.path)
+            name = path.rpartition(b"/")[2]
+            st = syscalls.lstat_at(d, name) if d is not None else None
+            if st is not None:
+                node.path, node.parent = path, parent
+                return st
+        raise oserror(errno.ENOENT, node.path)
+
+    def listdir(self, node: Node) -> list[tuple[bytes, int, os.stat_result]]:
+        """The merged listing of a directory: (name, branch, lstat) of each visible entry."""
+        seen: dict[bytes, tuple[int, os.stat_result]] = {}
+        hidden: set[bytes] = set()
+        order: list[bytes] = []
+        for b in self.layers(node):
+            br = self.branches[b]
+            pfd = self.dirs.lookup(b, node.path)
+            if pfd is None:
+                continue
+            fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
+            new_hidden = []
+            try:
+                with os.scandir(fd) as it:
+                    for e in it:
+                        name = os.fsencode(e.name)
+                        if is_reserved(name):
+                            if br.honours_whiteouts:
+                                h = whited_out(name)
+                                if h is not None:
+                                    new_hidden.append(h)
+                            continue
+                        if name in seen or name in hidden:
+                            continue
+                        try:
+                            st = e.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue
+                        if br.honours_whiteouts and syscalls.is_overlay_whiteout(st):
+                            new_hidden.append(name)
+                            continue
+                        seen[name] = (b, st)
+                        order.append(name)
+            finally:
+                os.close(fd)
+            hidden.update(new_hidden)
+        return [(name, *seen[name]) for name in order]
+
+    def entry_attrs(self, parent: Node, name: bytes, b: int, st: os.stat_result) -> tuple[Node, os.stat_result]:
+        """Node and attributes for a listed entry (as a lookup would give, without probing)."""
+        if self._has_copy_elsewhere(b, st):
+            return self.lookup(parent, name)
+        key = self._key(st)
+        node = self.table.by_key.get(key)
+        if node is not None and node.is_dir == stat.S_ISDIR(st.st_mode):
+            if node.is_dir:
+                return node, st
+            return self._node_from(parent, name, Probe(entries=[(b, st)]))
+        if stat.S_ISDIR(st.st_mode):
+            node = Node(self.table.ino_for(key), key, join(parent.path, name), b, True)
+            node.parent = parent  # layers are worked out when first needed
+            self.table.add(node)
+            return node, st
+        return self._node_from(parent, name, Probe(entries=[(b, st)]))
+
+    def attr_nlink(self, node: Node, st: os.stat_result) -> int:
+        if node.is_dir and node.layers is not None and len(node.layers) > 1:
+            return 1  # a merged directory's link count is unknown, as on overlayfs
+        return st.st_nlink
+
+    def _has_copy_elsewhere(self, b: int, st: os.stat_result) -> bool:
+        """Hook: whether a listed lower file was copied up under another of its names."""
+        return False
+
+    def readlink(self, node: Node) -> bytes:
+        dfd, name = self._location(node)
+        return os.readlink(name, dir_fd=dfd)
+
+    def _xattr_path(self, node: Node) -> tuple[bytes, bool]:
+        """A /proc path for NODE's xattrs, and whether to follow it (only our own root fd link)."""
+        if node.ino == ROOT_INO:
+            return syscalls.proc_path(self.branches[self.layers(node)[0]].fd), True
+        dfd, name = self._location(node)
+        return syscalls.proc_path(dfd, name), False
+
+    def getxattr(self, node: Node, name: bytes) -> bytes:
+        if is_internal_xattr(name) or name == CONTROL_XATTR:
+            raise oserror(errno.ENODATA)
+        path, follow = self._xattr_path(node)
+        return os.getxattr(path, name, follow_symlinks=follow)
+
+    def listxattr(self, node: Node) -> list[bytes]:
+        path, follow = self._xattr_path(node)
+        names = os.listxattr(path, follow_symlinks=follow)
+        return [n for n in map(os.fsencode, names) if not is_internal_xattr(n)]
+
+    def statfs(self) -> os.statvfs_result:
+        return os.statvfs(self.branches[self.top_rw if self.top_rw is not None else 0].fd)
+
+    def branch_names(self, node: Node) -> set[bytes]:
+        """Every name any branch holds in directory NODE (whiteouts as the names they hide)."""
+        names: set[bytes] = set()
+        for b in self.layers(node):
+            pfd = self.dirs.lookup(b, node.path)
+            if pfd is None:
+                continue
+            fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
+            try:
+                for name in map(os.fsencode, os.listdir(fd)):
+                    names.add(whited_out(name) or name)
+            finally:
+                os.close(fd)
+        names.discard(OPAQUE)
+        return names
+
+    def refresh(self) -> list[Node]:
+        """Forget what is cached about the branches (after they were edited directly)."""
+        self.dirs.clear()
+        nodes = list(self.table.by_ino.values())
+        for n in nodes:
+            if n.is_dir:
+                n.layers = None
+        self._root_layers(self.table.root)
+        return nodes
