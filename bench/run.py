@@ -5,6 +5,7 @@ import importlib.util
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from bench.workloads import SCENARIOS_BY_NAME, Scenario, environment, timed_step
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "out"
 DEFAULT_REPS = 7
+STEP_TIMEOUT = 300.0  # seconds; far beyond any healthy run of a workload
 
 
 class BenchError(Exception):
@@ -126,14 +128,25 @@ class Collector:
             self.errors[name].setdefault(system, []).append(message)
 
 
-def run_command(command: str, env: dict) -> tuple[float, str | None]:
+def run_command(command: str, env: dict, timeout: float = STEP_TIMEOUT) -> tuple[float, str | None]:
+    """Run one workload command; its wall time, and its last error line if it failed."""
     start = time.perf_counter()
-    done = subprocess.run(["bash", "-o", "pipefail", "-c", command], env=env,
-                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(["bash", "-o", "pipefail", "-c", command], env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # a hung filesystem: stop the whole pipeline
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return time.perf_counter() - start, f"no result after {timeout:.0f} s (killed)"
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
     elapsed = time.perf_counter() - start
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+    if proc.returncode != 0:
+        last = (stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
         return elapsed, last
     return elapsed, None
 
