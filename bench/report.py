@@ -187,7 +187,8 @@ def draw_chart(summary: dict, systems: list[str], path: Path) -> None:
         ax.bar(xs, ys, width, label=SYSTEMS[system].label)
     for k, n in enumerate(names):
         target = summary["steps"][n]["target"]
-        ax.plot([k - 0.45, k + 0.45], [target, target], color="black", linestyle=":", linewidth=1)
+        ax.plot([k - 0.45, k + 0.45], [target, target], color="black", linestyle=":", linewidth=1.5,
+                zorder=3)
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_yscale("log")
     ax.set_xticks(range(len(names)))
