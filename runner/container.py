@@ -23,7 +23,7 @@ from runner import libc, rootfs
 from runner.cgroups import Cgroup, Hierarchy, Limits, hierarchies
 from runner.errors import RunError
 from runner.idmap import IdMapping, plan_mapping, write_maps
-from runner.init import Command, run_init
+from runner.init import Command, hold_signals, run_init
 from runner.initlayer import write_init_layer
 from runner.privileges import last_cap
 from runner.rootfs import Volume
@@ -387,6 +387,7 @@ class Runner:
             except OSError as e:
                 raise RunError(f"cannot create namespaces: {e.strerror}") from None
         libc.sethostname(spec.hostname)
+        hold_signals()
         init = os.fork()
         if init == 0:
             code = EXIT_RUNNER

@@ -83,19 +83,24 @@ def _exec(cmd: Command) -> None:
         os._exit(EXIT_NOT_FOUND if e.errno == errno.ENOENT else EXIT_NOT_EXECUTABLE)
 
 
+def hold_signals() -> None:
+    """Block the forwarded signals until pid 1 can handle them (a pid 1 without a handler
+    would silently drop them; blocked, the kernel keeps them pending)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+
+
 def run_init(cmd: Command) -> int:
-    """Run the command as pid 2; return its exit status once it ends (zombies reaped meanwhile)."""
-    pending: list[int] = []
+    """Run the command as pid 2; return its exit status once it ends (zombies reaped meanwhile).
+
+    Expects the forwarded signals held (hold_signals): they are released once the command runs.
+    """
     child = 0
 
     def forward(signum, _frame):
-        if child:
-            try:
-                os.kill(child, signum)
-            except ProcessLookupError:
-                pass
-        else:
-            pending.append(signum)
+        try:
+            os.kill(child, signum)
+        except ProcessLookupError:
+            pass
 
     for sig in FORWARDED:
         signal.signal(sig, forward)
@@ -104,8 +109,7 @@ def run_init(cmd: Command) -> int:
         _exec(cmd)
     if cmd.tty_fd is not None:
         os.close(cmd.tty_fd)
-    for signum in pending:
-        forward(signum, None)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
     while True:
         try:
             pid, status = os.waitpid(-1, 0)
