@@ -223,3 +223,32 @@ def test_cached_listings_follow_changes(union):
     assert os.listdir(union / "d") == ["b"]
     os.rename(union / "d" / "b", union / "c")
     assert os.listdir(union / "d") == [] and sorted(os.listdir(union.mnt)) == ["c", "d"]
+
+
+def test_open_file_survives_its_removal(union):
+    (union["low"] / "lower").write_text("lower data")
+    union.mount()
+    fd = os.open(union / "new", os.O_CREAT | os.O_RDWR, 0o644)
+    os.write(fd, b"abc")
+    os.unlink(union / "new")
+    assert os.pread(fd, 10, 0) == b"abc" and os.fstat(fd).st_size == 3
+    os.write(fd, b"def")
+    assert os.pread(fd, 10, 0) == b"abcdef"
+    os.close(fd)
+    fd = os.open(union / "lower", os.O_RDONLY)
+    os.rename(union / "lower", union / "moved")
+    os.unlink(union / "moved")
+    assert os.read(fd, 100) == b"lower data"
+    os.close(fd)
+    assert os.listdir(union.mnt) == []
+
+
+def test_reader_sees_writes_made_through_another_open(union):
+    (union["low"] / "f").write_bytes(b"0" * 10)
+    union.mount()
+    reader = os.open(union / "f", os.O_RDONLY)
+    writer = os.open(union / "f", os.O_WRONLY)  # copies the file up
+    os.pwrite(writer, b"1111", 0)
+    assert os.pread(reader, 10, 0) == b"1111000000"
+    os.close(reader)
+    os.close(writer)

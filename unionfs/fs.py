@@ -13,6 +13,7 @@ import stat
 import pyfuse3
 import trio
 
+from unionfs.datafds import DataFds
 from unionfs.inodes import ROOT_INO, Node
 from unionfs.union import DirHandle, Union
 from unionfs.whiteout import CONTROL_XATTR
@@ -70,7 +71,7 @@ class UnionOperations(pyfuse3.Operations):
         self.debug = debug
         self._dir_handles: dict[int, DirHandle] = {}
         self._next_dir_fh = 1
-        self._file_nodes: dict[int, Node] = {}
+        self.data = DataFds(union)
         self._copy_locks: dict[int, trio.Lock] = {}
         self._copy_limiter = trio.CapacityLimiter(2)
 
@@ -131,6 +132,7 @@ class UnionOperations(pyfuse3.Operations):
                     job.abort()
                     raise
                 union.finish_copy_up(node, job)
+                self.data.drop(node)  # readers now read the copy
         finally:
             if lock.statistics().tasks_waiting == 0 and not lock.locked():
                 self._copy_locks.pop(node.ino, None)
@@ -158,13 +160,22 @@ class UnionOperations(pyfuse3.Operations):
                 node = table.by_ino.get(ino)
                 if node is not None:
                     table.unref(node, count)
+                    if table.by_ino.get(ino) is not node:
+                        self.data.drop(node)
             except Exception:
                 log.exception("forget(%d, %d) failed", ino, count)
 
     @_handler
     async def getattr(self, inode, ctx=None):
         node = self._node(inode)
-        return self._attrs(node, self.union.stat(node))
+        try:
+            st = self.union.stat(node)
+        except FileNotFoundError:  # removed, but still open: its pinned fd knows
+            fd = self.data.pinned(node)
+            if fd is None:
+                raise
+            st = os.fstat(fd)
+        return self._attrs(node, st)
 
     @_handler
     async def setattr(self, inode, attr, fields, fh, ctx):
@@ -172,7 +183,7 @@ class UnionOperations(pyfuse3.Operations):
         await self._copy_up(node, attr.st_size if fields.update_size else None)
         st = self.union.setattr(
             node,
-            fh if fh is not None and fh in self._file_nodes else None,
+            self.data.writable(node),
             mode=attr.st_mode if fields.update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
             gid=attr.st_gid if fields.update_gid else None,
@@ -210,9 +221,18 @@ class UnionOperations(pyfuse3.Operations):
         node, st = self.union.link(node, self._node(new_parent_inode), new_name)
         return self._entry(node, st)
 
+    def _pin_before_removal(self, parent: Node, name: bytes) -> None:
+        """A file the kernel knows may still be read after its name goes: keep its data open."""
+        node = self.union.live_child(parent, name)
+        if node is not None and not node.is_dir and node.lookups > 0 \
+                and self.union.branches[node.branch].writable:
+            self.data.pin(node)
+
     @_handler
     async def unlink(self, parent_inode, name, ctx):
-        self.union.unlink(self._node(parent_inode), name)
+        parent = self._node(parent_inode)
+        self._pin_before_removal(parent, name)
+        self.union.unlink(parent, name)
 
     @_handler
     async def rmdir(self, parent_inode, name, ctx):
@@ -227,9 +247,15 @@ class UnionOperations(pyfuse3.Operations):
                 await self._copy_up(node)
         except FileNotFoundError:
             pass
-        self.union.rename(old_parent, name_old, self._node(parent_inode_new), name_new, flags)
+        new_parent = self._node(parent_inode_new)
+        if not flags & pyfuse3.RENAME_EXCHANGE:
+            self._pin_before_removal(new_parent, name_new)
+        self.union.rename(old_parent, name_old, new_parent, name_new, flags)
 
     # ------------------------------------------------------------------ files
+
+    # A file handle is the file's inode number: data fds are per file (see DataFds), and with
+    # the lowlevel extras the kernel sends no OPEN at all (handle 0 is then the inode too).
 
     @_handler
     async def open(self, inode, flags, ctx):
@@ -237,25 +263,31 @@ class UnionOperations(pyfuse3.Operations):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
             self.union.require_writable()
             await self._copy_up(node, 0 if flags & os.O_TRUNC else None)
-        fd = self.union.open(node, flags)
-        node.opens += 1
-        self._file_nodes[fd] = node
-        return pyfuse3.FileInfo(fh=fd, keep_cache=True)
+            if flags & os.O_TRUNC:
+                os.ftruncate(self.data.get(node, True), 0)
+        else:
+            self.data.get(node, False)  # fail now if it cannot be opened
+        return pyfuse3.FileInfo(fh=node.ino, keep_cache=True)
 
     @_handler
     async def create(self, parent_inode, name, mode, flags, ctx):
         fd, node, st = self.union.create(self._node(parent_inode), name, mode, flags, ctx.uid, ctx.gid)
-        node.opens += 1
-        self._file_nodes[fd] = node
-        return pyfuse3.FileInfo(fh=fd, keep_cache=True), self._entry(node, st)
+        self.data.put(node, fd, True)
+        return pyfuse3.FileInfo(fh=node.ino, keep_cache=True), self._entry(node, st)
 
     @_handler
     async def read(self, fh, off, size):
-        return os.pread(fh, size, off)
+        fd = self.data.get(self._node(fh), False)
+        # read-ahead asks for up to 1 MiB; pread allocates all it is asked for, so ask for
+        # no more than the file holds (small files are the common case)
+        return os.pread(fd, min(size, max(os.fstat(fd).st_size - off, 0)), off)
 
     @_handler
     async def write(self, fh, off, buf):
-        return os.pwrite(fh, buf, off)
+        node = self._node(fh)
+        if self.union.needs_copy_up(node):
+            await self._copy_up(node)
+        return os.pwrite(self.data.get(node, True), buf, off)
 
     async def flush(self, fh):
         # Nothing to do on close(): answering ENOSYS makes the kernel stop sending FLUSH,
@@ -264,15 +296,22 @@ class UnionOperations(pyfuse3.Operations):
 
     @_handler
     async def fsync(self, fh, datasync):
-        (os.fdatasync if datasync else os.fsync)(fh)
+        node = self._node(fh)
+        fd = self.data.writable(node)
+        if fd is not None:
+            (os.fdatasync if datasync else os.fsync)(fd)
 
     @_handler
     async def release(self, fh):
-        node = self._file_nodes.pop(fh, None)
-        os.close(fh)
-        if node is not None:
-            node.opens -= 1
-            self.union.table.drop_if_unused(node)
+        pass
+
+    def fd_for(self, ino: int, write: bool) -> int:
+        """The data fd of inode INO, for the lowlevel extras (lseek, fallocate)."""
+        node = self._node(ino)
+        if write and self.union.needs_copy_up(node):
+            self.union.copy_up(node)
+            self.data.drop(node)
+        return self.data.get(node, write)
 
     # ------------------------------------------------------------------ directories
 
@@ -393,6 +432,7 @@ class UnionOperations(pyfuse3.Operations):
     def _refresh(self) -> None:
         """Drop every cache after branches were edited directly (`pyunion refresh`)."""
         nodes = self.union.refresh()
+        self.data.clear()
         log.info("refresh: dropping cached state of %d inodes", len(nodes))
         names: set[tuple[int, bytes]] = set()
         for node in nodes:

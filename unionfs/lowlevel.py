@@ -1,4 +1,4 @@
-"""What pyfuse3 leaves out of libfuse's low-level API: lseek, fallocate, and caching flags.
+"""What pyfuse3 leaves out of libfuse's low-level API: lseek, fallocate, caching flags, no-open.
 
 pyfuse3 hands libfuse a fixed table of request handlers and never sets the kernel's readdir
 and symlink caches. `install()` interposes on the one call that hands that table over
@@ -7,7 +7,11 @@ and symlink caches. `install()` interposes on the one call that hands that table
 - LSEEK (SEEK_DATA/SEEK_HOLE) and FALLOCATE answered on the branch file's fd;
 - opendir replies marked cache_readdir + keep_cache, so the kernel caches listings (it drops
   them itself when an entry changes through the mount; `pyunion refresh` drops the rest);
-- FUSE_CAP_CACHE_SYMLINKS asked for at init, so readlink results are cached too.
+- FUSE_CAP_CACHE_SYMLINKS asked for at init, so readlink results are cached too;
+- OPEN answered ENOSYS, so the kernel stops sending OPEN (and needs no reply to RELEASE
+  from Python): file handles are inode numbers (see datafds), which the wrappers of read,
+  write and fsync put where the kernel sends handle 0. Atomic O_TRUNC is turned off, so a
+  truncating open still reaches the daemon, as a SETATTR.
 
 Everything is checked before it is touched (ELF layout, the slot's current value, page
 permissions); when anything is unexpected nothing is changed and the mount simply works
@@ -24,13 +28,20 @@ log = logging.getLogger(__name__)
 
 # indices in struct fuse_lowlevel_ops (libfuse 3.x: members are only ever appended)
 OP_INIT = 0
+OP_OPEN = 14
+OP_READ = 15
+OP_WRITE = 16
+OP_RELEASE = 18
+OP_FSYNC = 19
 OP_OPENDIR = 20
+OP_WRITE_BUF = 36
 OP_FALLOCATE = 40
 OP_LSEEK = 43
 # struct fuse_conn_info: capable and want
 CONN_CAPABLE = 20
 CONN_WANT = 24
 FUSE_CAP_CACHE_SYMLINKS = 1 << 23
+FUSE_CAP_ATOMIC_O_TRUNC = 1 << 3
 # struct fuse_file_info: the bitfield word and fh
 FI_BITS = 4
 FI_KEEP_CACHE = 1 << 2
@@ -49,6 +60,21 @@ _LSEEK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64
 # pyfuse3's own handlers run Python code: call them without releasing the GIL
 _INIT_CALL = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
 _OPENDIR_CALL = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p)
+_READ_CALL = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int64,
+                              ctypes.c_void_p)
+_WRITE_CALL = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t,
+                               ctypes.c_int64, ctypes.c_void_p)
+_WRITE_BUF_CALL = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p,
+                                   ctypes.c_int64, ctypes.c_void_p)
+_FSYNC_CALL = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.c_void_p)
+_READ = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int64,
+                         ctypes.c_void_p)
+_WRITE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t,
+                          ctypes.c_int64, ctypes.c_void_p)
+_WRITE_BUF = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_int64,
+                              ctypes.c_void_p)
+_FSYNC = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.c_void_p)
+_OPEN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p)
 _SESSION_NEW = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
                                 ctypes.c_void_p)
 
@@ -102,13 +128,17 @@ def _reply_err(req: int, err: int) -> None:
     _fuse.fuse_reply_err(ctypes.c_void_p(req), err)
 
 
-def _fh(fi: int) -> int:
-    return ctypes.c_uint64.from_address(fi + FI_FH).value
+def _fh_to_ino(fi: int, ino: int) -> None:
+    """Handle 0 (no OPEN was sent) means the file itself: our handles are inode numbers."""
+    fh = ctypes.c_uint64.from_address(fi + FI_FH)
+    if fh.value == 0:
+        fh.value = ino
 
 
 def _lseek(req, ino, off, whence, fi):
     try:
-        _fuse.fuse_reply_lseek(ctypes.c_void_p(req), ctypes.c_int64(os.lseek(_fh(fi), off, whence)))
+        fd = _fd_for(ino, False)
+        _fuse.fuse_reply_lseek(ctypes.c_void_p(req), ctypes.c_int64(os.lseek(fd, off, whence)))
     except OSError as e:
         _reply_err(req, e.errno or errno.EIO)
     except Exception:
@@ -118,10 +148,13 @@ def _lseek(req, ino, off, whence, fi):
 
 def _fallocate(req, ino, mode, offset, length, fi):
     try:
-        if _libc.fallocate(_fh(fi), mode, ctypes.c_int64(offset), ctypes.c_int64(length)) != 0:
+        fd = _fd_for(ino, True)
+        if _libc.fallocate(fd, mode, ctypes.c_int64(offset), ctypes.c_int64(length)) != 0:
             _reply_err(req, ctypes.get_errno() or errno.EIO)
         else:
             _reply_err(req, 0)
+    except OSError as e:
+        _reply_err(req, e.errno or errno.EIO)
     except Exception:
         log.exception("fallocate failed")
         _reply_err(req, errno.EIO)
@@ -129,11 +162,16 @@ def _fallocate(req, ino, mode, offset, length, fi):
 
 _fuse = None
 _libc = None
+_fd_for = None
 
 
-def install(pyfuse3_module) -> bool:
-    """Interpose before pyfuse3.init(); returns whether the extras are in place."""
-    global _fuse, _libc
+def install(pyfuse3_module, fd_for) -> bool:
+    """Interpose before pyfuse3.init(); returns whether the extras are in place.
+
+    FD_FOR(ino, write) gives the data fd of a file, for lseek and fallocate.
+    """
+    global _fuse, _libc, _fd_for
+    _fd_for = fd_for
     try:
         _fuse = ctypes.CDLL("libfuse3.so.3", use_errno=True)
         _libc = ctypes.CDLL(None, use_errno=True)
@@ -178,28 +216,60 @@ def install(pyfuse3_module) -> bool:
 
 
 def _complete(table) -> None:
-    """Fill in lseek and fallocate, and wrap init and opendir to ask for the kernel caches."""
-    pyfuse_init = _INIT_CALL(table[OP_INIT]) if table[OP_INIT] else None
-    pyfuse_opendir = _OPENDIR_CALL(table[OP_OPENDIR]) if table[OP_OPENDIR] else None
+    """Fill in lseek and fallocate, answer OPEN/RELEASE, and wrap init, opendir and the I/O."""
+    if not all(table[i] for i in (OP_INIT, OP_OPENDIR, OP_READ, OP_WRITE, OP_WRITE_BUF, OP_FSYNC)):
+        log.debug("pyfuse3 extras: unexpected handler table, left alone")
+        return
+    pyfuse_init = _INIT_CALL(table[OP_INIT])
+    pyfuse_opendir = _OPENDIR_CALL(table[OP_OPENDIR])
 
     def init(userdata, conn):
-        if pyfuse_init is not None:
-            pyfuse_init(userdata, conn)
+        pyfuse_init(userdata, conn)
         capable = ctypes.c_uint.from_address(conn + CONN_CAPABLE)
         want = ctypes.c_uint.from_address(conn + CONN_WANT)
         if capable.value & FUSE_CAP_CACHE_SYMLINKS:
             want.value |= FUSE_CAP_CACHE_SYMLINKS
+        want.value &= ~FUSE_CAP_ATOMIC_O_TRUNC  # O_TRUNC must reach us: no OPEN is sent
 
     def opendir(req, ino, fi):
         bits = ctypes.c_uint.from_address(fi + FI_BITS)
         bits.value |= FI_KEEP_CACHE | FI_CACHE_READDIR
         pyfuse_opendir(req, ino, fi)
 
-    callbacks = [_INIT(init), _FALLOCATE(_fallocate), _LSEEK(_lseek)]
-    table[OP_INIT] = ctypes.cast(callbacks[0], ctypes.c_void_p).value
-    table[OP_FALLOCATE] = ctypes.cast(callbacks[1], ctypes.c_void_p).value
-    table[OP_LSEEK] = ctypes.cast(callbacks[2], ctypes.c_void_p).value
-    if pyfuse_opendir is not None:
-        callbacks.append(_OPENDIR(opendir))
-        table[OP_OPENDIR] = ctypes.cast(callbacks[-1], ctypes.c_void_p).value
-    _keep.extend(callbacks + [pyfuse_init, pyfuse_opendir])
+    def open_(req, ino, fi):
+        _reply_err(req, errno.ENOSYS)  # "no OPEN needed": the kernel stops sending them
+
+    def release(req, ino, fi):
+        _reply_err(req, 0)  # nothing is kept per open
+
+    pyfuse_read = _READ_CALL(table[OP_READ])
+    pyfuse_write = _WRITE_CALL(table[OP_WRITE])
+    pyfuse_write_buf = _WRITE_BUF_CALL(table[OP_WRITE_BUF])
+    pyfuse_fsync = _FSYNC_CALL(table[OP_FSYNC])
+
+    def read(req, ino, size, off, fi):
+        _fh_to_ino(fi, ino)
+        pyfuse_read(req, ino, size, off, fi)
+
+    def write(req, ino, buf, size, off, fi):
+        _fh_to_ino(fi, ino)
+        pyfuse_write(req, ino, buf, size, off, fi)
+
+    def write_buf(req, ino, bufv, off, fi):
+        _fh_to_ino(fi, ino)
+        pyfuse_write_buf(req, ino, bufv, off, fi)
+
+    def fsync(req, ino, datasync, fi):
+        _fh_to_ino(fi, ino)
+        pyfuse_fsync(req, ino, datasync, fi)
+
+    wrappers = {
+        OP_INIT: _INIT(init), OP_FALLOCATE: _FALLOCATE(_fallocate), OP_LSEEK: _LSEEK(_lseek),
+        OP_OPENDIR: _OPENDIR(opendir), OP_OPEN: _OPEN(open_), OP_RELEASE: _OPEN(release),
+        OP_READ: _READ(read), OP_WRITE: _WRITE(write), OP_WRITE_BUF: _WRITE_BUF(write_buf),
+        OP_FSYNC: _FSYNC(fsync),
+    }
+    for index, callback in wrappers.items():
+        table[index] = ctypes.cast(callback, ctypes.c_void_p).value
+    _keep.extend([*wrappers.values(), pyfuse_init, pyfuse_opendir, pyfuse_read, pyfuse_write,
+                  pyfuse_write_buf, pyfuse_fsync])

@@ -317,6 +317,8 @@ class Union(MergedView):
         """Create and open a regular file; returns (fd, node, attrs)."""
         _, pfd, wh = self._prepare_new(parent, name)
         uid, gid, _ = self._owner(pfd, uid, gid)
+        # read-write whatever the caller asked: the fd serves every open of the file
+        flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
         fd = os.open(name, _open_flags(flags) | os.O_CREAT | os.O_EXCL, stat.S_IMODE(mode), dir_fd=pfd)
         try:
             os.fchown(fd, uid, gid)

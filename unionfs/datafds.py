@@ -1,0 +1,78 @@
+"""Open fds of files' data, one per file and shared by all its opens (a file handle is the inode).
+
+Opening per file rather than per open lets the kernel skip OPEN requests altogether (see
+lowlevel), and makes every reader see a file's current data, even after a copy-up. Fds are
+kept least recently used first, up to a bound; a file removed while the kernel may still
+read it keeps its fd pinned until the kernel forgets it.
+"""
+
+import os
+from collections import OrderedDict
+
+from unionfs.inodes import Node
+
+
+class DataFds:
+    def __init__(self, union, limit: int = 1024):
+        self.union = union
+        self.limit = limit
+        self._fds: OrderedDict[int, tuple[int, bool]] = OrderedDict()  # ino -> (fd, writable)
+        self._pinned: dict[int, tuple[int, bool]] = {}
+
+    def get(self, node: Node, write: bool) -> int:
+        """An fd of NODE's data, writable if WRITE (the caller has copied it up first)."""
+        entry = self._pinned.get(node.ino)
+        if entry is not None and (entry[1] or not write):
+            return entry[0]
+        entry = self._fds.get(node.ino)
+        if entry is not None:
+            if entry[1] or not write:
+                self._fds.move_to_end(node.ino)
+                return entry[0]
+            os.close(self._fds.pop(node.ino)[0])
+        fd = self.union.open(node, os.O_RDWR if write else os.O_RDONLY)
+        self.put(node, fd, write)
+        return fd
+
+    def put(self, node: Node, fd: int, writable: bool) -> None:
+        old = self._fds.pop(node.ino, None)
+        if old is not None:
+            os.close(old[0])
+        self._fds[node.ino] = (fd, writable)
+        while len(self._fds) > self.limit:
+            os.close(self._fds.popitem(last=False)[1][0])
+
+    def writable(self, node: Node) -> int | None:
+        for table in (self._pinned, self._fds):
+            entry = table.get(node.ino)
+            if entry is not None and entry[1]:
+                return entry[0]
+        return None
+
+    def pinned(self, node: Node) -> int | None:
+        entry = self._pinned.get(node.ino)
+        return None if entry is None else entry[0]
+
+    def pin(self, node: Node) -> None:
+        """Keep NODE's data reachable: its name is about to go, but the kernel may still read it."""
+        if node.ino in self._pinned:
+            return
+        entry = self._fds.pop(node.ino, None)
+        if entry is None:
+            try:
+                entry = (self.union.open(node, os.O_RDONLY), False)
+            except OSError:
+                return
+        self._pinned[node.ino] = entry
+
+    def drop(self, node: Node) -> None:
+        """Close NODE's fds: its data moved (copy-up) or the kernel forgot it."""
+        for table in (self._fds, self._pinned):
+            entry = table.pop(node.ino, None)
+            if entry is not None:
+                os.close(entry[0])
+
+    def clear(self) -> None:
+        for table in (self._fds, self._pinned):
+            while table:
+                os.close(table.popitem()[1][0])
