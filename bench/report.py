@@ -224,6 +224,8 @@ def results_markdown(data: dict, systems: list[str], chart_name: str | None) -> 
     errors = format_errors(summary)
     if errors:
         lines += ["Failed runs:", "", errors]
+    if data.get("warnings"):
+        lines += ["Warnings (measurements kept):", "", *(f"- {w}" for w in data["warnings"]), ""]
     missed = misses(summary)
     if missed:
         lines += ["pyunion misses:", "", *(f"- {x}" for x in missed), ""]

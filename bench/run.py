@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bench import report
 from bench.layers import PROFILES, LayerError, ensure_layers
-from bench.systems import SYSTEMS, MountError, System
+from bench.systems import SYSTEMS, MountError, SlowExit, System
 from bench.workloads import SCENARIOS_BY_NAME, Scenario, environment, timed_steps
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,6 +122,7 @@ class Collector:
         self.cpu = {s.name: {} for s in steps}
         self.memory = {}
         self.failures = []
+        self.warnings = []
 
     def fail(self, step_names, system: str, message: str) -> None:
         for name in step_names:
@@ -182,6 +183,9 @@ def run_scenario(scenario: Scenario, system: System, layers, scratch: Path,
     finally:
         try:
             system.unmount(mounted)
+        except SlowExit as e:  # the measurement stands; the anomaly is reported
+            collector.warnings.append(f"{scenario.name} on {system.name}: {e}")
+            log(f"warning: {e}")
         except MountError as e:
             problem = problem or str(e)
         if scenario.writes:
@@ -237,6 +241,7 @@ def run(args, command_line: str) -> dict:
         "machine": report.machine(),
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "summary": summary,
+        "warnings": collector.warnings,
     }
 
 
@@ -251,6 +256,8 @@ def publish(args, data: dict) -> None:
     errors = report.format_errors(summary)
     if errors:
         print("\nFailed runs:\n" + errors, end="")
+    for warning in data["warnings"]:
+        print(f"warning: {warning}")
     missed = report.misses(summary)
     if missed:
         print("\npyunion misses: " + "; ".join(missed))

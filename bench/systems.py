@@ -12,10 +12,15 @@ from pathlib import Path
 from bench.layers import Layers
 
 MOUNT_TIMEOUT = 60.0
+EXIT_TIMEOUT = 30.0  # seconds a FUSE daemon gets to exit after its unmount
 
 
 class MountError(Exception):
     """Mounting or unmounting a system failed; the message is one line."""
+
+
+class SlowExit(MountError):
+    """The daemon was unmounted cleanly but took longer than EXIT_TIMEOUT to exit (then killed)."""
 
 
 @dataclass
@@ -102,10 +107,11 @@ class System:
             try:
                 cleanup()
             except (OSError, MountError, subprocess.SubprocessError) as e:
-                errors.append(str(e))
+                errors.append(e)
         mounted.cleanups.clear()
         if errors:
-            raise MountError(errors[0])
+            first = errors[0]
+            raise first if isinstance(first, MountError) else MountError(str(first))
 
 
 class Native(System):
@@ -189,7 +195,7 @@ class _Fuse(_Layered):
         return mounted
 
     def _stop(self, proc: subprocess.Popen, mnt: Path) -> None:
-        problem = None
+        problem, slow = None, False
         if proc.poll() is not None:
             problem = f"{self.label} daemon died during the run ({_exit_status(proc.returncode)})"
         if is_mounted(mnt):
@@ -197,9 +203,10 @@ class _Fuse(_Layered):
             if done.returncode != 0:
                 problem = f"{self.label} unmount failed: {(done.stderr.strip() or '?').splitlines()[-1]}"
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=EXIT_TIMEOUT)
         except subprocess.TimeoutExpired:
-            problem = problem or f"{self.label} daemon did not exit after unmount"
+            slow = problem is None
+            problem = problem or f"{self.label} daemon still running {EXIT_TIMEOUT:.0f} s after unmount"
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=10)
@@ -209,7 +216,7 @@ class _Fuse(_Layered):
         if is_mounted(mnt):
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
         if problem:
-            raise MountError(problem)
+            raise (SlowExit if slow else MountError)(problem)
 
 
 def _exit_status(returncode: int) -> str:
