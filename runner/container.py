@@ -24,11 +24,12 @@ from runner.cgroups import Cgroup, Hierarchy, Limits, hierarchies
 from runner.errors import RunError
 from runner.idmap import IdMapping, plan_mapping, write_maps
 from runner.init import Command, hold_signals, run_init
-from runner.initlayer import write_init_layer
+from runner.initlayer import MOUNTPOINTS, resolve_in_layers, write_init_layer
 from runner.privileges import last_cap
 from runner.rootfs import Volume
 from runner.terminal import relay
 from unionfs.branches import RO_WH, RW, BranchSpec, format_branches
+from unionfs.errors import UsageError
 
 EXIT_RUNNER = 125
 MOUNT_TIMEOUT = 60.0
@@ -185,7 +186,16 @@ class Runner:
             os.mkdir(d, 0o755)
         if spec.rw_dir is None:
             os.mkdir(rw, 0o755)
-        write_init_layer(init, spec.hostname, spec.volumes)
+        lookup = ([spec.rw_dir] if spec.rw_dir else []) + [b.path for b in spec.layers]
+        volumes = []
+        for v in spec.volumes:
+            target, _ = resolve_in_layers(lookup, v.target)
+            if target == "/" or target.split("/")[1] in MOUNTPOINTS:
+                raise UsageError(f"-v {v.host}:{v.target}: resolves to {target} in the image")
+            volumes.append(Volume(v.host, target, v.readonly))
+        spec.volumes = volumes
+        workdir, exists = resolve_in_layers(lookup, spec.workdir)
+        write_init_layer(init, spec.hostname, volumes, [] if exists else [workdir])
         to_keeper_r, to_keeper_w = os.pipe()
         from_keeper_r, from_keeper_w = os.pipe()
         pid_r, pid_w = os.pipe()

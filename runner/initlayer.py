@@ -1,11 +1,13 @@
 """The init layer: generated /etc files and mountpoints, between the image and the writable layer."""
 
 import os
+import stat
 
 from runner.rootfs import Volume
 
 MOUNTPOINTS = ("proc", "dev", "sys")
 DEFAULT_RESOLV = "nameserver 127.0.0.1\n"
+MAX_SYMLINKS = 40
 
 
 def hosts_text(hostname: str) -> str:
@@ -28,15 +30,66 @@ def _write(path: str, text: str) -> None:
     os.chmod(path, 0o644)
 
 
-def write_init_layer(directory: str, hostname: str, volumes: list[Volume]) -> None:
-    """Fill an empty directory with the init layer for one container."""
+def _present(layer: str, parts: list[str]) -> str | None:
+    """layer/parts... when it exists without following a symlink on the way (else None)."""
+    path = layer
+    for i, name in enumerate(parts):
+        path = os.path.join(path, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None
+        if i < len(parts) - 1 and not stat.S_ISDIR(st.st_mode):
+            return None
+    return path
+
+
+def resolve_in_layers(layers: list[str], path: str) -> tuple[str, bool]:
+    """A container path with the layers' symlinks followed (the top-most layer having each
+    component decides), as the container would see it; and whether it exists there."""
+    parts = [p for p in path.split("/") if p]
+    resolved: list[str] = []
+    hops = 0
+    while parts:
+        name = parts.pop(0)
+        if name == ".":
+            continue
+        if name == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        found = next(
+            (f for f in (_present(layer, resolved + [name]) for layer in layers) if f), None
+        )
+        if found is None:
+            return "/" + "/".join(resolved + [name] + parts), False
+        if os.path.islink(found):
+            hops += 1
+            if hops > MAX_SYMLINKS:
+                return "/" + "/".join(resolved + [name] + parts), False
+            target = os.readlink(found)
+            if target.startswith("/"):
+                resolved = []
+            parts = [p for p in target.split("/") if p] + parts
+            continue
+        resolved.append(name)
+    return "/" + "/".join(resolved), True
+
+
+def write_init_layer(
+    directory: str, hostname: str, volumes: list[Volume], extra_dirs: list[str] = ()
+) -> None:
+    """Fill an empty directory with the init layer for one container.
+
+    Volume targets and extra_dirs are container paths already resolved (resolve_in_layers).
+    """
     etc = os.path.join(directory, "etc")
     os.makedirs(etc, mode=0o755, exist_ok=True)
     _write(os.path.join(etc, "hostname"), hostname + "\n")
     _write(os.path.join(etc, "hosts"), hosts_text(hostname))
     _write(os.path.join(etc, "resolv.conf"), host_resolv_conf())
-    for name in MOUNTPOINTS:
-        os.makedirs(os.path.join(directory, name), mode=0o755, exist_ok=True)
+    for name in [*MOUNTPOINTS, *extra_dirs]:
+        os.makedirs(os.path.join(directory, name.strip("/")), mode=0o755, exist_ok=True)
     for v in volumes:
         target = os.path.join(directory, v.target.strip("/"))
         if os.path.isdir(v.host):

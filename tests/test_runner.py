@@ -65,8 +65,9 @@ def tmp_path():
 
 def _build_rootfs(base: pathlib.Path) -> dict:
     root = base / "rootfs"
-    for d in ("bin", "etc", "tmp", "root", "home/user"):
+    for d in ("bin", "etc", "tmp", "root", "home/user", "run", "var"):
         os.makedirs(root / d)
+    os.symlink("/run", root / "var/run")
     os.chmod(root / "tmp", 0o1777)
     os.chown(root / "home/user", 1000, 1000)
     shutil.copy2(BUSYBOX, root / "bin/busybox")
@@ -444,6 +445,7 @@ def test_root_is_the_union_and_host_is_unreachable(runner, rootfs):
         "home",
         "proc",
         "root",
+        "run",
         "sys",
         "tmp",
     ]
@@ -733,3 +735,18 @@ def test_signal_during_start_leaves_nothing(runner, rootfs):
         time.sleep(0.1)
     assert_nothing_left(runner.marker)
     assert os.listdir(runner.workspaces) == []
+
+
+def test_paths_follow_the_images_symlinks(runner, rootfs, tmp_path):
+    shared = tmp_path / "shared"
+    os.makedirs(shared)
+    (shared / "in.txt").write_text("through a symlink\n")
+    rw = tmp_path / "rw"
+    os.makedirs(rw)
+    os.chown(rw, runner.uid, -1)
+    script = "readlink /var/run; cat /run/app/in.txt; pwd"
+    args = ["--rw", str(rw), "-v", f"{shared}:/var/run/app", "-w", "/srv/work"]
+    res = runner(*args, rootfs["root"], "--", "sh", "-c", script)
+    assert res.returncode == 0, res.stderr
+    assert lines(res.stdout) == ["/run", "through a symlink", "/srv/work"]
+    assert os.listdir(rw) == []  # the volume target and the working directory are in the init layer
