@@ -19,6 +19,7 @@ from unionfs.whiteout import (
     CONTROL_XATTR,
     OPAQUE,
     OPAQUE_XATTRS,
+    WH_PREFIX,
     is_internal_xattr,
     is_reserved,
     whited_out,
@@ -281,56 +282,56 @@ class MergedView:
 
     def listdir(self, node: Node) -> list[tuple[bytes, int, os.stat_result]]:
         """The merged listing of a directory: (name, branch, lstat) of each visible entry."""
-        seen: dict[bytes, tuple[int, os.stat_result]] = {}
-        hidden: set[bytes] = set()
-        order: list[bytes] = []
+        listing: list[tuple[bytes, int, os.stat_result]] = []
+        seen: set[bytes] = set()  # names listed, or hidden by a whiteout above
+        fsencode = os.fsencode
         for b in self.layers(node):
-            br = self.branches[b]
+            wh = self.branches[b].honours_whiteouts
             pfd = self.dirs.lookup(b, node.path)
             if pfd is None:
                 continue
             fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
-            new_hidden = []
+            hides = []  # whiteouts here hide names in the branches below, not in this one
             try:
                 with os.scandir(fd) as it:
                     for e in it:
-                        name = os.fsencode(e.name)
-                        if is_reserved(name):
-                            if br.honours_whiteouts:
+                        name = fsencode(e.name)
+                        if name in seen:
+                            continue
+                        if name.startswith(WH_PREFIX):
+                            if wh:
                                 h = whited_out(name)
                                 if h is not None:
-                                    new_hidden.append(h)
-                            continue
-                        if name in seen or name in hidden:
+                                    hides.append(h)
                             continue
                         try:
                             st = e.stat(follow_symlinks=False)
                         except FileNotFoundError:
                             continue
-                        if br.honours_whiteouts and syscalls.is_overlay_whiteout(st):
-                            new_hidden.append(name)
+                        if wh and st.st_rdev == 0 and stat.S_ISCHR(st.st_mode):
+                            hides.append(name)  # an overlayfs whiteout
                             continue
-                        seen[name] = (b, st)
-                        order.append(name)
+                        seen.add(name)
+                        listing.append((name, b, st))
             finally:
                 os.close(fd)
-            hidden.update(new_hidden)
-        return [(name, *seen[name]) for name in order]
+            seen.update(hides)
+        return listing
 
     def entry_attrs(self, parent: Node, name: bytes, b: int, st: os.stat_result) -> tuple[Node, os.stat_result]:
         """Node and attributes for a listed entry (as a lookup would give, without probing)."""
         if self._has_copy_elsewhere(b, st):
             return self.lookup(parent, name)
-        key = self._key(st)
+        k = (st.st_dev, st.st_ino)
+        key = self.origin.get(k, k)
         node = self.table.by_key.get(key)
-        if node is not None and node.is_dir == stat.S_ISDIR(st.st_mode):
-            if node.is_dir:
-                return node, st
-            return self._node_from(parent, name, Probe(entries=[(b, st)]))
-        if stat.S_ISDIR(st.st_mode):
-            node = Node(self.table.ino_for(key), key, join(parent.path, name), b, True)
-            node.parent = parent  # layers are worked out when first needed
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if node is None:  # the common case: a fresh node (directories work out layers later)
+            node = Node(self.table.ino_for(key), key, join(parent.path, name), b, is_dir)
+            node.parent = parent
             self.table.add(node)
+            return node, st
+        if is_dir and node.is_dir:
             return node, st
         return self._node_from(parent, name, Probe(entries=[(b, st)]))
 
