@@ -200,56 +200,78 @@ def environment(image_env: list[str], cli_env: list[str]) -> dict[str, str]:
     return env
 
 
+def check_user(user: str | None) -> None:
+    """Rootless with only our own id mapped: the command can only run as root."""
+    if os.geteuid() == 0 or not user or user.partition(":")[0] in ("0", "root"):
+        return
+    from runner.idmap import plan_mapping
+
+    if not plan_mapping(os.getuid(), os.getgid()).full:
+        raise UsageError(
+            f"-u {user}: only root can be mapped (no /etc/subuid and /etc/subgid range for this user)"
+        )
+
+
+def image_layers(p: Parsed):
+    """(layers, config, store) for an image reference; UsageError when there is no such image."""
+    try:
+        from runner.store import Store
+    except ImportError:
+        raise UsageError(f"{p.rootfs}: no such directory") from None
+    store = Store()
+    image = store.resolve_image(p.rootfs)
+    if image is None:
+        raise UsageError(f"{p.rootfs}: no such directory or image")
+    return [BranchSpec(d, "ro+wh") for d in image.layer_dirs], image.config, store
+
+
+def writable_layer(rw_dir: str, layers: list[BranchSpec]) -> tuple[list[BranchSpec], str]:
+    """Check (and, if missing, create) the kept writable layer; a failed check creates nothing."""
+    created = False
+    if not os.path.lexists(rw_dir):
+        parent = os.path.dirname(os.path.abspath(rw_dir))
+        if not os.path.isdir(parent):
+            raise UsageError(f"--rw {rw_dir}: {parent} is not a directory")
+        try:
+            os.mkdir(rw_dir, 0o755)
+        except OSError as e:
+            raise UsageError(f"--rw {rw_dir}: {e.strerror}") from None
+        created = True
+    try:
+        checked = check_branches(layers + [BranchSpec(rw_dir, RW)])
+    except UsageError:
+        if created:
+            os.rmdir(rw_dir)
+        raise
+    return checked[:-1], checked[-1].path
+
+
 def build_spec(p: Parsed):
     """Resolve ROOTFS (directories or an image) and combine it with the options."""
     from runner.container import RunSpec
 
     config: dict = {}
+    store = None
     layers = read_only_layers(p.rootfs)
-    rw_dir = p.rw_dir
     if layers is None:
-        image = None
-        try:
-            from runner.store import Store
-        except ImportError:
-            Store = None
-        if Store is not None:
-            store = Store()
-            image = store.resolve_image(p.rootfs)
-        if image is None:
-            raise UsageError(f"{p.rootfs}: no such directory or image")
-        layers = [BranchSpec(d, "ro+wh") for d in image.layer_dirs]
-        config = image.config
-        if p.name:
-            if p.rw_dir:
-                raise UsageError("--name and --rw cannot be used together")
-            rw_dir = store.prepare_container(p.name, p.rootfs)
-    elif p.name:
+        layers, config, store = image_layers(p)
+    if p.name and store is None:
         raise UsageError("--name needs an image (for directories use --rw DIR)")
-    if rw_dir is not None:
-        try:
-            os.makedirs(rw_dir, exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"--rw {rw_dir}: {e.strerror}") from None
-        if not os.path.isdir(rw_dir):
-            raise UsageError(f"--rw {rw_dir}: not a directory")
-    checked = check_branches(layers + ([BranchSpec(rw_dir, RW)] if rw_dir else []))
-    if rw_dir:
-        rw_dir = checked.pop().path
-    argv = list(config.get("Entrypoint") or []) + (p.cmd or list(config.get("Cmd") or []))
-    if not argv:
-        argv = ["/bin/sh"]
+    if p.name and p.rw_dir:
+        raise UsageError("--name and --rw cannot be used together")
     user = p.user or config.get("User") or None
-    if os.geteuid() != 0 and user and user.partition(":")[0] not in ("0", "root"):
-        from runner.idmap import plan_mapping
-
-        if not plan_mapping(os.getuid(), os.getgid()).full:
-            raise UsageError(
-                f"-u {user}: only root can be mapped (no /etc/subuid and /etc/subgid range for this user)"
-            )
+    check_user(user)
+    rw_dir = p.rw_dir
+    if p.name:
+        rw_dir = store.prepare_container(p.name, p.rootfs)
+    if rw_dir is not None:
+        layers, rw_dir = writable_layer(rw_dir, layers)
+    else:
+        layers = check_branches(layers)
+    argv = list(config.get("Entrypoint") or []) + (p.cmd or list(config.get("Cmd") or []))
     return RunSpec(
-        layers=checked,
-        argv=argv,
+        layers=layers,
+        argv=argv or ["/bin/sh"],
         rw_dir=rw_dir,
         env=environment(list(config.get("Env") or []), p.env),
         workdir=p.workdir or config.get("WorkingDir") or "/",

@@ -624,17 +624,22 @@ def test_limits_are_applied(runner, rootfs):
         ["--hostname", "bad name", "ROOT"],
         ["ROOT=rw"],
         ["--name", "c1", "ROOT"],
+        ["--rw", "NEW", "/no/such/dir"],
+        ["--rw", "ROOT", "ROOT"],
+        ["--rw", "NEW", "-v", "/no/such:/x", "ROOT"],
     ],
 )
-def test_bad_input_is_one_line_and_changes_nothing(runner, rootfs, args):
+def test_bad_input_is_one_line_and_changes_nothing(runner, rootfs, tmp_path, args):
     before = snapshot(rootfs["root"])
-    args = [a.replace("ROOT", rootfs["root"]) for a in args]
+    new = tmp_path / "new"
+    args = [a.replace("ROOT", rootfs["root"]).replace("NEW", str(new)) for a in args]
     res = runner(*args, "--", "touch", "/created")
     assert res.returncode == 2
     assert res.stdout == b""
     err = lines(res.stderr)
     assert len(err) == 1 and err[0].startswith("pyunion: ")
     assert snapshot(rootfs["root"]) == before
+    assert not new.exists()
 
 
 # --- rootless without subordinate ids ---------------------------------------------------
