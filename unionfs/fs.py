@@ -28,13 +28,19 @@ PID_XATTR = b"pyunion.pid"
 SELFTEST_XATTR = b"pyunion.selftest.fail"
 
 
+def _shown(args: tuple) -> tuple:
+    """Request arguments as the debug log shows them: no context, no bulk data."""
+    return tuple(f"<{len(a)} bytes>" if isinstance(a, bytes) and len(a) > 64 else a
+                 for a in args if not isinstance(a, pyfuse3.RequestContext))
+
+
 def _handler(fn):
     name = fn.__name__
 
     @functools.wraps(fn)
     async def wrapper(self, *args):
         if self.debug:
-            log.debug("%s%r", name, args[:-1] if args and isinstance(args[-1], pyfuse3.RequestContext) else args)
+            log.debug("%s%r", name, _shown(args))
         try:
             return await fn(self, *args)
         except pyfuse3.FUSEError:
@@ -46,7 +52,7 @@ def _handler(fn):
         except (trio.Cancelled, KeyboardInterrupt):
             raise
         except Exception:
-            log.exception("unexpected error in %s%r", name, args)
+            log.exception("unexpected error in %s%r", name, _shown(args))
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper
