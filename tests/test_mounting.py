@@ -143,3 +143,16 @@ def test_second_mount_of_a_writable_branch_is_refused(union, make_union):
     assert not is_mounted(other.mnt)
     union.umount()
     assert not branch_in_use(union["up"])
+
+
+def test_debug_flag_logs_every_request(union):
+    (union["low"] / "f").write_text("x")
+    r = pyunion("mount", "-d", "-o", f"logfile={union.log}", union.spec, union.mnt)
+    assert r.returncode == 0, r.stderr
+    (union / "f").read_text()
+    (union / "g").write_bytes(b"y" * 4096)
+    union.umount()
+    log = union.log.read_text()
+    for request in ("lookup(1, b'f')", "read(", "create(1, b'g'", "write("):
+        assert request in log, request
+    assert "<4096 bytes>" in log
