@@ -57,3 +57,20 @@ def test_timeouts_parse():
     assert (o.entry_timeout, o.attr_timeout, o.negative_timeout) == (2.5, 1.0, 2.5)
     with pytest.raises(UsageError):
         parse_options(["timeout=soon"])
+
+
+def test_inode_numbers_stable_and_collision_free():
+    from unionfs.inodes import ROOT_INO, InodeTable, Node
+
+    table = InodeTable(Node(ROOT_INO, (1, 1), b"", 0, True))
+    a, b = (7, 100), (7, 101)
+    ino_a = table.ino_for(a)
+    assert ino_a == table.ino_for(a) and ino_a not in (0, ROOT_INO)
+    # another entry already holds a's number: a gets a different one, and keeps it
+    squatter = Node(ino_a, b, b"x", 0, False)
+    table.add(squatter)
+    other = table.ino_for(a)
+    assert other != ino_a
+    table.add(Node(other, a, b"y", 0, False))
+    table.unref(squatter, 0)
+    assert table.ino_for(a) == other
