@@ -252,3 +252,32 @@ def test_reader_sees_writes_made_through_another_open(union):
     assert os.pread(reader, 10, 0) == b"1111000000"
     os.close(reader)
     os.close(writer)
+
+
+def test_no_fd_leak_over_many_files(union):
+    (union["low"] / "d").mkdir()
+    for i in range(300):
+        (union["low"] / "d" / f"l{i}").write_text("lower")
+    union.mount()
+    pid = union.daemon_pid()
+    baseline = len(os.listdir(f"/proc/{pid}/fd"))
+    for _ in range(3):
+        for i in range(300):
+            p = union / "d" / f"n{i}"
+            p.write_text("new")
+            assert p.read_text() == "new"
+            assert (union / "d" / f"l{i}").read_text() == "lower"
+            os.unlink(p)
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("2")  # the kernel forgets unused inodes: their fds must go too
+    assert len(os.listdir(union / "d")) == 300
+    for i in range(300):
+        (union / "d" / f"l{i}").read_text()
+    assert len(os.listdir(f"/proc/{pid}/fd")) > baseline + 100  # files read keep their fds...
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2")
+    import time
+    deadline = time.monotonic() + 10
+    while len(os.listdir(f"/proc/{pid}/fd")) > baseline + 8 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(os.listdir(f"/proc/{pid}/fd")) <= baseline + 8  # ...until the kernel forgets them
