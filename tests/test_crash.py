@@ -90,3 +90,21 @@ def test_full_disk_during_copy_up_publishes_nothing(make_union, tmp_path):
     finally:
         subprocess.run(["umount", "-l", u["up"]], capture_output=True)
     assert (u["low"] / "big").read_bytes() == data
+
+
+def test_removal_during_a_copy_up_wins(union):
+    _write_big(union["low"] / "big")
+    union.mount()
+    writer = subprocess.Popen([sys.executable, "-c", f"open({str(union / 'big')!r}, 'ab').write(b'NEW')"],
+                              stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_partial_copy(union["up"] / ".wh..wh.pyunion")
+        os.unlink(union / "big")  # while the copy is still being made
+        writer.wait(60)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+    assert not (union / "big").exists()
+    assert not (union["up"] / "big").exists(), "the finished copy brought a removed file back"
+    assert os.listdir(union["up"] / ".wh..wh.pyunion") == []
+    assert os.path.getsize(union["low"] / "big") == SIZE

@@ -197,10 +197,14 @@ class Union(MergedView):
         """Publish a prepared copy: metadata, then one rename into the writable branch."""
         try:
             t = self.require_writable()
-            src = self.dirs.get(node.branch, node.parent.path)
-            st = syscalls.lstat_at(src, node.name)
-            if st is None or (st.st_dev, st.st_ino) != (job.st.st_dev, job.st.st_ino):
-                raise oserror(errno.ESTALE, node.path)  # the source went away meanwhile
+            if not self.needs_copy_up(node):  # copied meanwhile (a directory rename did it)
+                job.abort()
+                return
+            # the name must still show the entry we copied: not removed, not replaced
+            p = self.probe(node.parent, node.name)
+            b, st = p.entries[0] if p.entries else (None, None)
+            if b != node.branch or (st.st_dev, st.st_ino) != (job.st.st_dev, job.st.st_ino):
+                raise oserror(errno.ESTALE, node.path)
             pfd = self.ensure_dir(t, node.parent)
             job.finish()
             self._publish(job, pfd, node.name)

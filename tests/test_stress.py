@@ -1,0 +1,77 @@
+"""Concurrent clients: random operations from several threads, big copy-ups among them.
+
+Nothing may fail with EIO (an unexpected error in the daemon), the daemon must log no error,
+and afterwards the merged view must be self-consistent and the lower branch untouched.
+"""
+
+import errno
+import os
+import random
+import threading
+
+from conftest import tree
+
+EXPECTED = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR, errno.EINVAL,
+            errno.EXDEV}
+
+
+def test_concurrent_random_operations(union):
+    low = union["low"]
+    for d in ("a", "b", "a/x"):
+        (low / d).mkdir()
+    for i in range(20):
+        (low / ("a" if i % 2 else "b") / f"f{i}").write_text(f"lower {i}")
+    (low / "a" / "big").write_bytes(os.urandom(8 << 20))  # copy-ups of this go to a thread
+    before = tree(low)
+    union.mount()
+    failures = []
+    done = []
+
+    def client(seed):
+        rnd = random.Random(seed)
+        names = ["a", "b", "a/x", "c"]
+        for _ in range(600):
+            d = rnd.choice(names)
+            p = union / d / rnd.choice([f"f{rnd.randrange(20)}", "big", "new", "sub"])
+            q = union / rnd.choice(names) / rnd.choice(["moved", "new", f"f{rnd.randrange(20)}"])
+            op = rnd.randrange(8)
+            try:
+                if op == 0:
+                    with open(p, "ab") as f:
+                        f.write(b"+")
+                elif op == 1:
+                    p.read_bytes()
+                elif op == 2:
+                    os.unlink(p)
+                elif op == 3:
+                    os.rename(p, q)
+                elif op == 4:
+                    os.mkdir(p)
+                elif op == 5:
+                    os.listdir(p.parent)
+                elif op == 6:
+                    os.rmdir(p)
+                else:
+                    os.chmod(p, 0o640)
+                done.append(op)
+            except OSError as e:
+                if e.errno not in EXPECTED:
+                    failures.append((seed, op, str(p), e))
+
+    threads = [threading.Thread(target=client, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert len(done) > 400 and {0, 1, 2, 3, 4} <= set(done)  # the operations really ran
+    # the merged view agrees with itself: every listed name can be looked up
+    for dirpath, dirnames, filenames in os.walk(union.mnt):
+        for n in dirnames + filenames:
+            os.lstat(os.path.join(dirpath, n))
+    union.remount()
+    for dirpath, dirnames, filenames in os.walk(union.mnt):
+        for n in dirnames + filenames:
+            os.lstat(os.path.join(dirpath, n))
+    assert tree(low) == before
+    assert os.listdir(union["up"] / ".wh..wh.pyunion") == []
