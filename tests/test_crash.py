@@ -93,13 +93,14 @@ def test_full_disk_during_copy_up_publishes_nothing(make_union, tmp_path):
 
 
 def test_removal_during_a_copy_up_wins(union):
+    """Removing a file while its copy-up runs: the file ends removed, with no copy left."""
     _write_big(union["low"] / "big")
     union.mount()
     writer = subprocess.Popen([sys.executable, "-c", f"open({str(union / 'big')!r}, 'ab').write(b'NEW')"],
                               stderr=subprocess.DEVNULL)
     try:
         _wait_for_partial_copy(union["up"] / ".wh..wh.pyunion")
-        os.unlink(union / "big")  # while the copy is still being made
+        os.unlink(union / "big")  # (the kernel holds it until the write's copy-up is done)
         writer.wait(60)
     finally:
         if writer.poll() is None:
