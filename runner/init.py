@@ -69,7 +69,7 @@ def _exec(cmd: Command) -> None:
             os.close(cmd.tty_fd)
         drop_privileges(cmd.uid, cmd.gid, cmd.last_cap)
     except OSError as e:
-        _say(cmd.message_fd, f"cannot start the command: {e}")
+        _say(cmd.message_fd, f"cannot start the command: {e.strerror or e}")
         os._exit(125)
     try:
         os.chdir(cmd.workdir)

@@ -1,5 +1,6 @@
 """Dropping privileges for the container command: capabilities, user and group, no_new_privs."""
 
+import errno
 import os
 
 from runner import libc
@@ -52,8 +53,12 @@ def drop_privileges(uid: int, gid: int, last: int) -> None:
     except OSError:
         if gid != os.getgid():  # a single-id user namespace denies setgroups
             raise
-    os.setresgid(gid, gid, gid)
-    os.setresuid(uid, uid, uid)
+    try:
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    except OSError as e:
+        reason = "not mapped in the user namespace" if e.errno == errno.EINVAL else e.strerror
+        raise OSError(e.errno, f"cannot become uid {uid} gid {gid}: {reason}") from None
     if uid == 0:
         libc.capset(DEFAULT_MASK, DEFAULT_MASK, 0)
     libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
