@@ -7,7 +7,6 @@ fixed header form (PAX only when needed, numeric ids, empty user/group names, wh
 mtimes), so the same tree always gives the same DiffID.
 """
 
-import ctypes
 import errno
 import hashlib
 import os
@@ -17,11 +16,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from runner.layerview import LayerView
+from unionfs.layers import remove_tree_at
+from unionfs.syscalls import open_beneath
 
-SYS_OPENAT2 = 437
-RESOLVE_NO_MAGICLINKS = 0x02
-RESOLVE_NO_SYMLINKS = 0x04
-RESOLVE_BENEATH = 0x08
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 CHUNK = 1 << 20
 SKIPPED_XATTR_PREFIXES = (b"trusted.", b"security.selinux", b"user.overlay.", b"user.pyunion.")
@@ -29,47 +26,6 @@ SKIPPED_XATTR_PREFIXES = (b"trusted.", b"security.selinux", b"user.overlay.", b"
 
 class LayerError(Exception):
     """A layer tar that cannot be accepted; the message names the offending entry."""
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-_openat2_works = True
-
-
-def open_beneath(dir_fd: int, path: bytes, flags: int = DIR_FLAGS) -> int:
-    """Open `path` below `dir_fd` without following any symlink or leaving the tree (openat2)."""
-    global _openat2_works
-    if _openat2_works:
-        how = _OpenHow(flags, 0, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
-        fd = _libc.syscall(
-            ctypes.c_long(SYS_OPENAT2),
-            ctypes.c_int(dir_fd),
-            ctypes.c_char_p(path),
-            ctypes.byref(how),
-            ctypes.c_size_t(ctypes.sizeof(how)),
-        )
-        if fd >= 0:
-            return fd
-        err = ctypes.get_errno()
-        if err not in (errno.ENOSYS, errno.EPERM):
-            raise OSError(err, os.strerror(err), path)
-        _openat2_works = False
-    parts = [p for p in path.split(b"/") if p not in (b"", b".")]
-    if b".." in parts:
-        raise OSError(errno.EXDEV, "path leaves the tree", path)
-    cur = os.dup(dir_fd)
-    try:
-        for i, part in enumerate(parts):
-            nxt = os.open(part, flags if i == len(parts) - 1 else DIR_FLAGS, dir_fd=cur)
-            os.close(cur)
-            cur = nxt
-        return os.dup(cur)
-    finally:
-        os.close(cur)
 
 
 def entry_parts(name: str, what: str = "entry") -> list[bytes]:
@@ -113,7 +69,7 @@ class Extractor:
         if not dirparts:
             return os.dup(self.root_fd)
         try:
-            return open_beneath(self.root_fd, b"/".join(dirparts))
+            return open_beneath(self.root_fd, b"/".join(dirparts), DIR_FLAGS)
         except OSError as e:
             if e.errno != errno.ENOENT or not create:
                 self._refuse_path(e, parts, member)
@@ -309,7 +265,7 @@ class Extractor:
             m = self.dirs[key]
             try:
                 fd = (
-                    open_beneath(self.root_fd, b"/".join(key) or b".")
+                    open_beneath(self.root_fd, b"/".join(key) or b".", DIR_FLAGS)
                     if key
                     else os.dup(self.root_fd)
                 )
@@ -322,43 +278,6 @@ class Extractor:
                 os.utime(fd, (m.mtime, m.mtime))
             finally:
                 os.close(fd)
-
-
-def _open_for_removal(dir_fd: int, name: bytes) -> tuple[int, list[bytes]]:
-    """Open the directory `name`, delete its non-directories, return (fd, subdirectory names)."""
-    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    if stat.S_IMODE(st.st_mode) & stat.S_IRWXU != stat.S_IRWXU:
-        os.chmod(name, stat.S_IMODE(st.st_mode) | stat.S_IRWXU, dir_fd=dir_fd)
-    fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
-    subdirs = []
-    with os.scandir(fd) as it:
-        for entry in it:
-            if entry.is_dir(follow_symlinks=False):
-                subdirs.append(os.fsencode(entry.name))
-            else:
-                os.unlink(entry.name, dir_fd=fd)
-    return fd, subdirs
-
-
-def remove_tree_at(dir_fd: int, name: bytes) -> None:
-    """Delete the directory tree `name` below `dir_fd`: never following symlinks, without
-    recursion (any depth), and also when its directories were made read-only (rootless)."""
-    fd, subdirs = _open_for_removal(dir_fd, name)
-    stack = [(fd, subdirs, name)]
-    try:
-        while stack:
-            fd, subdirs, dname = stack[-1]
-            if subdirs:
-                child = subdirs.pop()
-                child_fd, child_subdirs = _open_for_removal(fd, child)
-                stack.append((child_fd, child_subdirs, child))
-                continue
-            os.close(fd)
-            stack.pop()
-            os.rmdir(dname, dir_fd=stack[-1][0] if stack else dir_fd)
-    finally:
-        for fd, _, _ in stack:
-            os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:

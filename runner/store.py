@@ -24,8 +24,8 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from runner.layertar import remove_tree_at
 from unionfs.errors import UsageError
+from unionfs.layers import remove_tree_at
 
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")

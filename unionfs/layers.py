@@ -130,10 +130,27 @@ def branch_in_use(path: str | bytes) -> bool:
         os.close(fd)
 
 
+def _open_for_removal(dirfd: int, name: bytes) -> tuple[int, list[bytes]]:
+    """Open directory NAME, remove its non-directories; (its fd, its subdirectory names)."""
+    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    if stat.S_IMODE(st.st_mode) & stat.S_IRWXU != stat.S_IRWXU:  # read-only trees (rootless)
+        os.chmod(name, stat.S_IMODE(st.st_mode) | stat.S_IRWXU, dir_fd=dirfd)
+    fd = syscalls.open_beneath(dirfd, name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    subdirs = []
+    with os.scandir(fd) as it:
+        for entry in it:
+            if entry.is_dir(follow_symlinks=False):
+                subdirs.append(os.fsencode(entry.name))
+            else:
+                os.unlink(entry.name, dir_fd=fd)
+    return fd, subdirs
+
+
 def remove_tree_at(dirfd: int, name: bytes) -> None:
     """Remove NAME in DIRFD and everything below it, never following a symlink.
 
-    Iterative, holding one fd per level, so any depth a container can create is fine.
+    Iterative, one fd per level, so any depth a container can create is fine; directories
+    made read-only are opened up first. A missing NAME is no error.
     """
     st = syscalls.lstat_at(dirfd, name)
     if st is None:
@@ -141,29 +158,20 @@ def remove_tree_at(dirfd: int, name: bytes) -> None:
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(name, dir_fd=dirfd)
         return
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-    stack = [(dirfd, name, syscalls.open_beneath(dirfd, name, flags))]
+    stack = [(dirfd, name, *_open_for_removal(dirfd, name))]
     try:
         while stack:
-            parent, dname, fd = stack[-1]
-            subdir = None
-            for child in map(os.fsencode, os.listdir(fd)):
-                cst = syscalls.lstat_at(fd, child)
-                if cst is not None and stat.S_ISDIR(cst.st_mode):
-                    subdir = child
-                    break
-                if cst is not None:
-                    os.unlink(child, dir_fd=fd)
-            if subdir is not None:
-                stack.append((fd, subdir, syscalls.open_beneath(fd, subdir, flags)))
+            _, _, fd, subdirs = stack[-1]
+            if subdirs:
+                child = subdirs.pop()
+                stack.append((fd, child, *_open_for_removal(fd, child)))
                 continue
-            stack.pop()
+            parent, dname, fd, _ = stack.pop()
             os.close(fd)
             os.rmdir(dname, dir_fd=parent)
     finally:
-        for _, _, fd in stack:
+        for _, _, fd, _ in stack:
             os.close(fd)
-
 
 class DirFdCache:
     """O_PATH fds of branch directories, keyed by (branch index, path), least recently used out."""

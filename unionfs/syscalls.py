@@ -54,11 +54,13 @@ def open_beneath(rootfd: int, path: bytes, flags: int = O_PATH_DIR) -> int:
                 RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
             )
         except OSError as e:
-            if e.errno != errno.ENOSYS:
+            if e.errno not in (errno.ENOSYS, errno.EPERM):  # old kernel, or a seccomp filter
                 raise
             _have_openat2 = False
     # Old kernels: walk component by component with O_NOFOLLOW.
-    parts = [p for p in path.split(b"/") if p]
+    parts = [p for p in path.split(b"/") if p not in (b"", b".")]
+    if b".." in parts:
+        raise OSError(errno.EXDEV, "path leaves the tree", path)
     fd = os.dup(rootfd)
     try:
         for part in parts[:-1]:
