@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from runner import layertar
 from runner.imageprogress import Progress
-from runner.layerview import OPAQUE, OPAQUE_XATTRS, WH, LayerView, is_whiteout_device
+from runner.layerview import OPAQUE, WH, LayerView, has_opaque_xattr, is_whiteout_device
 from runner.store import Image, Store, canonical_json, remove_tree
 
 EXCLUDED = {
@@ -35,14 +35,6 @@ class UpperEntry:
     kind: str  # "file" (anything real), "whiteout" (parts names the hidden entry), "opaque" (dir marker)
 
 
-def _xattr_opaque(path: bytes) -> bool:
-    for attr in OPAQUE_XATTRS:
-        try:
-            if os.getxattr(path, attr, follow_symlinks=False) == b"y":
-                return True
-        except OSError:
-            pass
-    return False
 
 
 def _only_excluded(parts: tuple[bytes, ...], path: bytes) -> bool:
@@ -72,7 +64,7 @@ def scan_upper(upper: str):
 
 def _listing(parts: tuple[bytes, ...], path: bytes):
     """(UpperEntry, descend?) for the directory `path` itself (if opaque) and its children."""
-    if parts and _xattr_opaque(path):
+    if parts and has_opaque_xattr(path):
         yield UpperEntry(parts, path, None, "opaque"), False
     for name in sorted(os.listdir(path)):
         cparts = parts + (name,)

@@ -17,10 +17,8 @@ def is_whiteout_device(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def is_opaque(path: bytes) -> bool:
-    """Whether the directory at `path` hides the directories below it."""
-    if os.path.lexists(os.path.join(path, OPAQUE)):
-        return True
+def has_opaque_xattr(path: bytes) -> bool:
+    """Whether the directory at `path` carries overlayfs' opaque mark."""
     for attr in OPAQUE_XATTRS:
         try:
             if os.getxattr(path, attr, follow_symlinks=False) == b"y":
@@ -28,6 +26,11 @@ def is_opaque(path: bytes) -> bool:
         except OSError:
             pass
     return False
+
+
+def is_opaque(path: bytes) -> bool:
+    """Whether the directory at `path` hides the directories below it."""
+    return os.path.lexists(os.path.join(path, OPAQUE)) or has_opaque_xattr(path)
 
 
 def _lstat(path: bytes) -> os.stat_result | None:
