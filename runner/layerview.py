@@ -8,13 +8,11 @@ char-device 0/0 hides the name, and a non-directory hides everything below it.
 import os
 import stat
 
-WH = b".wh."
-OPAQUE = b".wh..wh..opq"
-OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
+from unionfs.syscalls import is_overlay_whiteout as is_whiteout_device
+from unionfs.whiteout import OPAQUE, OPAQUE_XATTRS
+from unionfs.whiteout import WH_PREFIX as WH
 
-
-def is_whiteout_device(st: os.stat_result) -> bool:
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+__all__ = ["OPAQUE", "WH", "LayerView", "has_opaque_xattr", "is_opaque", "is_whiteout_device"]
 
 
 def has_opaque_xattr(path: bytes) -> bool:
