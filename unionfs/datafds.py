@@ -42,6 +42,11 @@ class DataFds:
         while len(self._fds) > self.limit:
             os.close(self._fds.popitem(last=False)[1][0])
 
+    def cached(self, node: Node) -> int | None:
+        """NODE's open data fd, if there is one (none is opened)."""
+        entry = self._pinned.get(node.ino) or self._fds.get(node.ino)
+        return None if entry is None else entry[0]
+
     def writable(self, node: Node) -> int | None:
         for table in (self._pinned, self._fds):
             entry = table.get(node.ino)

@@ -16,7 +16,7 @@ import trio
 from unionfs.datafds import DataFds
 from unionfs.inodes import ROOT_INO, Node
 from unionfs.union import DirHandle, Union
-from unionfs.whiteout import CONTROL_XATTR
+from unionfs.whiteout import CONTROL_XATTR, is_internal_xattr
 
 log = logging.getLogger(__name__)
 
@@ -392,7 +392,13 @@ class UnionOperations(pyfuse3.Operations):
     async def getxattr(self, inode, name, ctx):
         if name == PID_XATTR and inode == ROOT_INO:
             return str(os.getpid()).encode()
-        return self.union.getxattr(self._node(inode), name)
+        node = self._node(inode)
+        fd = self.data.cached(node)
+        if fd is not None and not is_internal_xattr(name) and name != CONTROL_XATTR:
+            # the kernel asks for security.capability before every write: an open fd is
+            # much cheaper to ask than a path through /proc
+            return os.getxattr(fd, name)
+        return self.union.getxattr(node, name)
 
     @_handler
     async def listxattr(self, inode, ctx):
