@@ -145,19 +145,56 @@ class UnionOperations(pyfuse3.Operations):
 
     # ------------------------------------------------------------------ lookups
 
-    @_handler
-    async def lookup(self, parent_inode, name, ctx=None):
+    # The request handlers that never wait are written as plain functions (`do_*`): the
+    # async handlers call them, and lowlevel calls them directly, without pyfuse3's coroutine
+    # round, which costs more than the work itself.
+
+    def do_lookup(self, parent_inode: int, name: bytes) -> tuple[Node, os.stat_result] | None:
+        """The node and attributes for NAME, or None when it does not exist (to cache)."""
         parent = self._node(parent_inode)
         try:
-            node, st = self.union.lookup(parent, name)
+            return self.union.lookup(parent, name)
         except FileNotFoundError:
             if self.negative_timeout <= 0:
                 raise
+            return None
+
+    def do_getattr(self, inode: int) -> tuple[Node, os.stat_result]:
+        node = self._node(inode)
+        try:
+            return node, self.union.stat(node)
+        except FileNotFoundError:  # removed, but still open: its pinned fd knows
+            fd = self.data.pinned(node)
+            if fd is None:
+                raise
+            return node, os.fstat(fd)
+
+    def do_read(self, fh: int, off: int, size: int) -> bytes:
+        fd = self.data.get(self._node(fh), False)
+        # read-ahead asks for up to 1 MiB; pread allocates all it is asked for, so ask for
+        # no more than the file holds (small files are the common case)
+        return os.pread(fd, min(size, max(os.fstat(fd).st_size - off, 0)), off)
+
+    def do_getxattr(self, inode: int, name: bytes) -> bytes:
+        if name == PID_XATTR and inode == ROOT_INO:
+            return str(os.getpid()).encode()
+        node = self._node(inode)
+        fd = self.data.cached(node)
+        if fd is not None and not is_internal_xattr(name) and name != CONTROL_XATTR:
+            # the kernel asks for security.capability before every write: an open fd is
+            # much cheaper to ask than a path through /proc
+            return os.getxattr(fd, name)
+        return self.union.getxattr(node, name)
+
+    @_handler
+    async def lookup(self, parent_inode, name, ctx=None):
+        found = self.do_lookup(parent_inode, name)
+        if found is None:
             e = pyfuse3.EntryAttributes()  # a negative entry the kernel may cache
             e.st_ino = 0
             e.entry_timeout = self.negative_timeout
             return e
-        return self._entry(node, st)
+        return self._entry(*found)
 
     async def forget(self, inode_list):
         table = self.union.table
@@ -173,15 +210,7 @@ class UnionOperations(pyfuse3.Operations):
 
     @_handler
     async def getattr(self, inode, ctx=None):
-        node = self._node(inode)
-        try:
-            st = self.union.stat(node)
-        except FileNotFoundError:  # removed, but still open: its pinned fd knows
-            fd = self.data.pinned(node)
-            if fd is None:
-                raise
-            st = os.fstat(fd)
-        return self._attrs(node, st)
+        return self._attrs(*self.do_getattr(inode))
 
     @_handler
     async def setattr(self, inode, attr, fields, fh, ctx):
@@ -283,10 +312,7 @@ class UnionOperations(pyfuse3.Operations):
 
     @_handler
     async def read(self, fh, off, size):
-        fd = self.data.get(self._node(fh), False)
-        # read-ahead asks for up to 1 MiB; pread allocates all it is asked for, so ask for
-        # no more than the file holds (small files are the common case)
-        return os.pread(fd, min(size, max(os.fstat(fd).st_size - off, 0)), off)
+        return self.do_read(fh, off, size)
 
     @_handler
     async def write(self, fh, off, buf):
@@ -390,15 +416,7 @@ class UnionOperations(pyfuse3.Operations):
 
     @_handler
     async def getxattr(self, inode, name, ctx):
-        if name == PID_XATTR and inode == ROOT_INO:
-            return str(os.getpid()).encode()
-        node = self._node(inode)
-        fd = self.data.cached(node)
-        if fd is not None and not is_internal_xattr(name) and name != CONTROL_XATTR:
-            # the kernel asks for security.capability before every write: an open fd is
-            # much cheaper to ask than a path through /proc
-            return os.getxattr(fd, name)
-        return self.union.getxattr(node, name)
+        return self.do_getxattr(inode, name)
 
     @_handler
     async def listxattr(self, inode, ctx):

@@ -283,7 +283,7 @@ def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: b
         fuse_options.add("ro")
     from unionfs import lowlevel
 
-    if not lowlevel.install(pyfuse3, ops.fd_for):
+    if not lowlevel.install(pyfuse3, ops):
         log.info("running without lseek/fallocate and the kernel's readdir cache (see debug log)")
     try:
         pyfuse3.init(ops, mountpoint, fuse_options)
