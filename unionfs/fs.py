@@ -212,13 +212,20 @@ class UnionOperations(pyfuse3.Operations):
     async def getattr(self, inode, ctx=None):
         return self._attrs(*self.do_getattr(inode))
 
+    def do_setattr(self, node: Node, **changes) -> os.stat_result:
+        """Apply attribute CHANGES (see Union.setattr) to a node that needs no copy-up."""
+        return self.union.setattr(node, self.data.writable(node), **changes)
+
+    def do_write(self, node: Node, off: int, buf: bytes) -> int:
+        """Write to a node that needs no copy-up."""
+        return os.pwrite(self.data.get(node, True), buf, off)
+
     @_handler
     async def setattr(self, inode, attr, fields, fh, ctx):
         node = self._node(inode)
         await self._copy_up(node, attr.st_size if fields.update_size else None)
-        st = self.union.setattr(
+        st = self.do_setattr(
             node,
-            self.data.writable(node),
             mode=attr.st_mode if fields.update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
             gid=attr.st_gid if fields.update_gid else None,
@@ -319,7 +326,7 @@ class UnionOperations(pyfuse3.Operations):
         node = self._node(fh)
         if self.union.needs_copy_up(node):
             await self._copy_up(node)
-        return os.pwrite(self.data.get(node, True), buf, off)
+        return self.do_write(node, off, buf)
 
     async def flush(self, fh):
         # Nothing to do on close(): answering ENOSYS makes the kernel stop sending FLUSH,

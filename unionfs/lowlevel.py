@@ -12,8 +12,9 @@ and symlink caches. `install()` interposes on the one call that hands that table
   from Python): file handles are inode numbers (see datafds), which the wrappers of write
   and fsync put where the kernel sends handle 0. Atomic O_TRUNC is turned off, so a
   truncating open still reaches the daemon, as a SETATTR;
-- LOOKUP, GETATTR, READ and GETXATTR, which never wait, answered straight from the
-  adapter's `do_*` functions, without pyfuse3's coroutine round (about 40% of a request).
+- LOOKUP, GETATTR, READ and GETXATTR, which never wait, and SETATTR and WRITE when no
+  copy-up is due, answered straight from the adapter's `do_*` functions, without pyfuse3's
+  coroutine round (about 40% of a request); anything that may wait goes to pyfuse3.
 
 Everything is checked before it is touched (ELF layout, the slot's current value, page
 permissions); when anything is unexpected nothing is changed and the mount simply works
@@ -26,6 +27,7 @@ import logging
 import os
 import platform
 import struct
+import time
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 OP_INIT = 0
 OP_LOOKUP = 2
 OP_GETATTR = 4
+OP_SETATTR = 5
 OP_OPEN = 14
 OP_READ = 15
 OP_WRITE = 16
@@ -148,8 +151,29 @@ class _EntryParam(ctypes.Structure):
                 ("attr_timeout", ctypes.c_double), ("entry_timeout", ctypes.c_double)]
 
 
+
+_SETATTR = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_int,
+                            ctypes.c_void_p)
+_SETATTR_CALL = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_int,
+                                 ctypes.c_void_p)
+# setattr's to_set bits, and fuse_buf's "data is in an fd" flag
+SET_MODE, SET_UID, SET_GID, SET_SIZE, SET_ATIME, SET_MTIME = 1, 2, 4, 8, 16, 32
+SET_ATIME_NOW, SET_MTIME_NOW = 128, 256
+FUSE_BUF_IS_FD = 2
+
+
+class _Buf(ctypes.Structure):
+    _fields_ = [("size", ctypes.c_size_t), ("flags", ctypes.c_int), ("mem", ctypes.c_void_p),
+                ("fd", ctypes.c_int), ("pos", ctypes.c_int64)]
+
+
+class _BufVec(ctypes.Structure):
+    _fields_ = [("count", ctypes.c_size_t), ("idx", ctypes.c_size_t), ("off", ctypes.c_size_t),
+                ("buf", _Buf * 1)]
+
+
 _FAST_PATHS = platform.machine() == "x86_64" and ctypes.sizeof(_Stat) == 144 \
-    and ctypes.sizeof(_EntryParam) == 176
+    and ctypes.sizeof(_EntryParam) == 176 and ctypes.sizeof(_BufVec) == 64
 
 _LOOKUP = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_char_p)
 _GETATTR = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p)
@@ -231,6 +255,32 @@ def _getxattr(req, ino, name, size):
     _answer(req, "getxattr", (ino, name), work)
 
 
+def _nanoseconds(sec: int, nsec: int) -> int:
+    return sec * 1_000_000_000 + nsec
+
+
+def _setattr_changes(a: _Stat, to_set: int) -> dict:
+    now = time.time_ns() if to_set & (SET_ATIME_NOW | SET_MTIME_NOW) else None
+    return {
+        "mode": a.st_mode if to_set & SET_MODE else None,
+        "uid": a.st_uid if to_set & SET_UID else None,
+        "gid": a.st_gid if to_set & SET_GID else None,
+        "size": a.st_size if to_set & SET_SIZE else None,
+        "atime_ns": _nanoseconds(a.st_atime, a.st_atime_nsec) if to_set & SET_ATIME
+        else now if to_set & SET_ATIME_NOW else None,
+        "mtime_ns": _nanoseconds(a.st_mtime, a.st_mtime_nsec) if to_set & SET_MTIME
+        else now if to_set & SET_MTIME_NOW else None,
+    }
+
+
+def _ready_node(ino: int):
+    """The node of INO if a change to it needs no copy-up (so nothing has to wait)."""
+    node = _ops.union.table.by_ino.get(ino)
+    if node is None or _ops.union.needs_copy_up(node):
+        return None
+    return node
+
+
 def _reply_err(req: int, err: int) -> None:
     _fuse.fuse_reply_err(ctypes.c_void_p(req), err)
 
@@ -294,6 +344,7 @@ def install(pyfuse3_module, ops) -> bool:
         _fuse.fuse_reply_entry.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         _fuse.fuse_reply_buf.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
         _fuse.fuse_reply_xattr.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        _fuse.fuse_reply_write.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
         _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
         real_new = ctypes.cast(_fuse.fuse_session_new, ctypes.c_void_p).value
         so = pyfuse3_module.__file__
@@ -334,7 +385,8 @@ def install(pyfuse3_module, ops) -> bool:
 
 def _complete(table) -> None:
     """Fill in lseek and fallocate, answer OPEN/RELEASE, and wrap init, opendir and the I/O."""
-    if not all(table[i] for i in (OP_INIT, OP_OPENDIR, OP_READ, OP_WRITE, OP_WRITE_BUF, OP_FSYNC)):
+    if not all(table[i] for i in (OP_INIT, OP_OPENDIR, OP_READ, OP_WRITE, OP_WRITE_BUF, OP_FSYNC,
+                                  OP_SETATTR)):
         log.debug("pyfuse3 extras: unexpected handler table, left alone")
         return
     pyfuse_init = _INIT_CALL(table[OP_INIT])
@@ -368,8 +420,35 @@ def _complete(table) -> None:
         pyfuse_write(req, ino, buf, size, off, fi)
 
     def write_buf(req, ino, bufv, off, fi):
-        _fh_to_ino(fi, ino)
-        pyfuse_write_buf(req, ino, bufv, off, fi)
+        node = _ready_node(ino) if _FAST_PATHS else None
+        vec = _BufVec.from_address(bufv) if node is not None else None
+        if vec is None or vec.count != 1 or vec.buf[0].flags & FUSE_BUF_IS_FD:
+            _fh_to_ino(fi, ino)
+            pyfuse_write_buf(req, ino, bufv, off, fi)  # may copy up: pyfuse3's async path
+            return
+        data = ctypes.string_at(vec.buf[0].mem + vec.off, vec.buf[0].size - vec.off)
+
+        def work():
+            _fuse.fuse_reply_write(ctypes.c_void_p(req), _ops.do_write(node, off, data))
+
+        _answer(req, "write", (ino, off, data if len(data) <= 64 else f"<{len(data)} bytes>"), work)
+
+    pyfuse_setattr = _SETATTR_CALL(table[OP_SETATTR])
+
+    def setattr_(req, ino, attr, to_set, fi):
+        node = _ready_node(ino) if _FAST_PATHS else None
+        if node is None:
+            if fi:
+                _fh_to_ino(fi, ino)
+            pyfuse_setattr(req, ino, attr, to_set, fi)  # may copy up: pyfuse3's async path
+            return
+
+        def work():
+            out = _Stat()
+            _fill(out, node, _ops.do_setattr(node, **_setattr_changes(_Stat.from_address(attr), to_set)))
+            _fuse.fuse_reply_attr(ctypes.c_void_p(req), ctypes.byref(out), _ops.attr_timeout)
+
+        _answer(req, "setattr", (ino, to_set), work)
 
     def fsync(req, ino, datasync, fi):
         _fh_to_ino(fi, ino)
@@ -379,6 +458,7 @@ def _complete(table) -> None:
         OP_INIT: _INIT(init), OP_FALLOCATE: _FALLOCATE(_fallocate), OP_LSEEK: _LSEEK(_lseek),
         OP_OPENDIR: _OPENDIR(opendir), OP_OPEN: _OPEN(open_), OP_RELEASE: _OPEN(release),
         OP_WRITE: _WRITE(write), OP_WRITE_BUF: _WRITE_BUF(write_buf), OP_FSYNC: _FSYNC(fsync),
+        OP_SETATTR: _SETATTR(setattr_),
     }
     if _FAST_PATHS:
         wrappers.update({OP_LOOKUP: _LOOKUP(_lookup), OP_GETATTR: _GETATTR(_getattr),
@@ -395,4 +475,4 @@ def _complete(table) -> None:
     for index, callback in wrappers.items():
         table[index] = ctypes.cast(callback, ctypes.c_void_p).value
     _keep.extend([*wrappers.values(), pyfuse_init, pyfuse_opendir, pyfuse_write, pyfuse_write_buf,
-                  pyfuse_fsync])
+                  pyfuse_fsync, pyfuse_setattr])
