@@ -248,8 +248,10 @@ class UnionOperations(pyfuse3.Operations):
 
     @_handler
     async def mkdir(self, parent_inode, name, mode, ctx):
-        node, st = self.union.mkdir(self._node(parent_inode), name, mode, ctx.uid, ctx.gid)
-        return self._entry(node, st)
+        return self._entry(*self.do_mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
+
+    def do_mkdir(self, parent_inode: int, name: bytes, mode: int, uid: int, gid: int):
+        return self.union.mkdir(self._node(parent_inode), name, mode, uid, gid)
 
     @_handler
     async def symlink(self, parent_inode, name, target, ctx):
@@ -272,12 +274,18 @@ class UnionOperations(pyfuse3.Operations):
 
     @_handler
     async def unlink(self, parent_inode, name, ctx):
+        self.do_unlink(parent_inode, name)
+
+    def do_unlink(self, parent_inode: int, name: bytes) -> None:
         parent = self._node(parent_inode)
         self._pin_before_removal(parent, name)
         self.union.unlink(parent, name)
 
     @_handler
     async def rmdir(self, parent_inode, name, ctx):
+        self.do_rmdir(parent_inode, name)
+
+    def do_rmdir(self, parent_inode: int, name: bytes) -> None:
         self.union.rmdir(self._node(parent_inode), name)
 
     @_handler
@@ -313,9 +321,13 @@ class UnionOperations(pyfuse3.Operations):
 
     @_handler
     async def create(self, parent_inode, name, mode, flags, ctx):
-        fd, node, st = self.union.create(self._node(parent_inode), name, mode, flags, ctx.uid, ctx.gid)
-        self.data.put(node, fd, True)
+        node, st = self.do_create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
         return pyfuse3.FileInfo(fh=node.ino, keep_cache=True), self._entry(node, st)
+
+    def do_create(self, parent_inode: int, name: bytes, mode: int, flags: int, uid: int, gid: int):
+        fd, node, st = self.union.create(self._node(parent_inode), name, mode, flags, uid, gid)
+        self.data.put(node, fd, True)
+        return node, st
 
     @_handler
     async def read(self, fh, off, size):

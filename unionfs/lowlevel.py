@@ -12,8 +12,8 @@ and symlink caches. `install()` interposes on the one call that hands that table
   from Python): file handles are inode numbers (see datafds), which the wrappers of write
   and fsync put where the kernel sends handle 0. Atomic O_TRUNC is turned off, so a
   truncating open still reaches the daemon, as a SETATTR;
-- LOOKUP, GETATTR, READ and GETXATTR, which never wait, and SETATTR and WRITE when no
-  copy-up is due, answered straight from the adapter's `do_*` functions, without pyfuse3's
+- LOOKUP, GETATTR, READ, GETXATTR, CREATE, MKDIR, UNLINK and RMDIR, which never wait, and
+  SETATTR and WRITE when no copy-up is due, answered straight from the adapter's `do_*` functions, without pyfuse3's
   coroutine round (about 40% of a request); anything that may wait goes to pyfuse3.
 
 Everything is checked before it is touched (ELF layout, the slot's current value, page
@@ -36,6 +36,9 @@ OP_INIT = 0
 OP_LOOKUP = 2
 OP_GETATTR = 4
 OP_SETATTR = 5
+OP_MKDIR = 8
+OP_UNLINK = 9
+OP_RMDIR = 10
 OP_OPEN = 14
 OP_READ = 15
 OP_WRITE = 16
@@ -43,6 +46,7 @@ OP_RELEASE = 18
 OP_FSYNC = 19
 OP_OPENDIR = 20
 OP_GETXATTR = 26
+OP_CREATE = 30
 OP_WRITE_BUF = 36
 OP_FALLOCATE = 40
 OP_LSEEK = 43
@@ -176,6 +180,16 @@ _FAST_PATHS = platform.machine() == "x86_64" and ctypes.sizeof(_Stat) == 144 \
     and ctypes.sizeof(_EntryParam) == 176 and ctypes.sizeof(_BufVec) == 64
 
 _LOOKUP = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_char_p)
+_MKDIR = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_char_p, ctypes.c_uint32)
+_CREATE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_char_p, ctypes.c_uint32,
+                           ctypes.c_void_p)
+
+
+class _Ctx(ctypes.Structure):
+    """struct fuse_ctx: who asked."""
+
+    _fields_ = [("uid", ctypes.c_uint32), ("gid", ctypes.c_uint32), ("pid", ctypes.c_int32),
+                ("umask", ctypes.c_uint32)]
 _GETATTR = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p)
 _GETXATTR = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_char_p, ctypes.c_size_t)
 
@@ -211,18 +225,70 @@ def _answer(req: int, name: str, args: tuple, work) -> None:
 def _lookup(req, parent, name):
     def work():
         found = _ops.do_lookup(parent, name)
-        e = _EntryParam()
-        if found is None:  # a negative entry the kernel may cache
-            e.entry_timeout = _ops.negative_timeout
-        else:
-            node, st = found
-            e.ino = node.ino
-            _fill(e.attr, node, st)
-            e.attr_timeout, e.entry_timeout = _ops.attr_timeout, _ops.entry_timeout
-        if _fuse.fuse_reply_entry(ctypes.c_void_p(req), ctypes.byref(e)) == 0 and found is not None:
-            found[0].lookups += 1  # the kernel holds a reference now
+        if found is not None:
+            _reply_new_entry(req, *found)
+            return
+        e = _EntryParam()  # a negative entry the kernel may cache
+        e.entry_timeout = _ops.negative_timeout
+        _fuse.fuse_reply_entry(ctypes.c_void_p(req), ctypes.byref(e))
 
     _answer(req, "lookup", (parent, name), work)
+
+
+def _caller(req: int) -> _Ctx:
+    return _Ctx.from_address(_fuse.fuse_req_ctx(ctypes.c_void_p(req)))
+
+
+def _entry_param(node, st: os.stat_result) -> _EntryParam:
+    e = _EntryParam()
+    e.ino = node.ino
+    _fill(e.attr, node, st)
+    e.attr_timeout, e.entry_timeout = _ops.attr_timeout, _ops.entry_timeout
+    return e
+
+
+def _reply_new_entry(req: int, node, st: os.stat_result) -> None:
+    """Reply with an entry the kernel now holds a reference to (the lookup count goes up)."""
+    if _fuse.fuse_reply_entry(ctypes.c_void_p(req), ctypes.byref(_entry_param(node, st))) == 0:
+        node.lookups += 1
+
+
+def _mkdir(req, parent, name, mode):
+    def work():
+        ctx = _caller(req)
+        _reply_new_entry(req, *_ops.do_mkdir(parent, name, mode, ctx.uid, ctx.gid))
+
+    _answer(req, "mkdir", (parent, name, mode), work)
+
+
+def _create(req, parent, name, mode, fi):
+    def work():
+        ctx = _caller(req)
+        flags = ctypes.c_int.from_address(fi).value
+        node, st = _ops.do_create(parent, name, mode, flags, ctx.uid, ctx.gid)
+        e = _entry_param(node, st)
+        ctypes.c_uint64.from_address(fi + FI_FH).value = node.ino  # handles are inode numbers
+        ctypes.c_uint.from_address(fi + FI_BITS).value |= FI_KEEP_CACHE
+        if _fuse.fuse_reply_create(ctypes.c_void_p(req), ctypes.byref(e), ctypes.c_void_p(fi)) == 0:
+            node.lookups += 1
+
+    _answer(req, "create", (parent, name, mode), work)
+
+
+def _unlink(req, parent, name):
+    def work():
+        _ops.do_unlink(parent, name)
+        _reply_err(req, 0)
+
+    _answer(req, "unlink", (parent, name), work)
+
+
+def _rmdir(req, parent, name):
+    def work():
+        _ops.do_rmdir(parent, name)
+        _reply_err(req, 0)
+
+    _answer(req, "rmdir", (parent, name), work)
 
 
 def _getattr(req, ino, fi):
@@ -345,6 +411,9 @@ def install(pyfuse3_module, ops) -> bool:
         _fuse.fuse_reply_buf.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
         _fuse.fuse_reply_xattr.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
         _fuse.fuse_reply_write.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        _fuse.fuse_reply_create.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        _fuse.fuse_req_ctx.argtypes = [ctypes.c_void_p]
+        _fuse.fuse_req_ctx.restype = ctypes.c_void_p
         _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
         real_new = ctypes.cast(_fuse.fuse_session_new, ctypes.c_void_p).value
         so = pyfuse3_module.__file__
@@ -462,7 +531,9 @@ def _complete(table) -> None:
     }
     if _FAST_PATHS:
         wrappers.update({OP_LOOKUP: _LOOKUP(_lookup), OP_GETATTR: _GETATTR(_getattr),
-                         OP_READ: _READ(_read), OP_GETXATTR: _GETXATTR(_getxattr)})
+                         OP_READ: _READ(_read), OP_GETXATTR: _GETXATTR(_getxattr),
+                         OP_MKDIR: _MKDIR(_mkdir), OP_CREATE: _CREATE(_create),
+                         OP_UNLINK: _LOOKUP(_unlink), OP_RMDIR: _LOOKUP(_rmdir)})
     else:  # handle 0 is the inode for pyfuse3's own read too
         pyfuse_read = _READ_CALL(table[OP_READ])
 
