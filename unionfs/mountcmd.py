@@ -37,6 +37,7 @@ class MountOptions:
     negative_timeout: float = 86400.0
     writeback: bool = False
     volatile: bool = False
+    extras: bool = True  # unionfs.lowlevel (off: pyfuse3's own handlers only)
     logfile: str | None = None
     fsname: str = "pyunion"
     workdir: str | None = None
@@ -79,6 +80,8 @@ def parse_options(items: list[str]) -> MountOptions:
                 o.writeback = key == "writeback"
             elif key == "volatile" and not sep:
                 o.volatile = True
+            elif key == "noextras" and not sep:
+                o.extras = False
             elif key in ("logfile", "fsname", "workdir", "lowerdir", "upperdir") and sep:
                 if not value:
                     raise UsageError(f"option {key} needs a value")
@@ -283,7 +286,9 @@ def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: b
         fuse_options.add("ro")
     from unionfs import lowlevel
 
-    if not lowlevel.install(pyfuse3, ops):
+    if not o.extras:
+        log.info("running on pyfuse3's handlers only (-o noextras)")
+    elif not lowlevel.install(pyfuse3, ops):
         log.info("running without lseek/fallocate and the kernel's readdir cache (see debug log)")
     try:
         pyfuse3.init(ops, mountpoint, fuse_options)

@@ -1,0 +1,53 @@
+"""The same semantics on pyfuse3's own handlers (-o noextras), as on a machine where
+unionfs/lowlevel.py has to stay out of the way."""
+
+import os
+import stat
+
+import pytest
+
+
+@pytest.fixture
+def plain(union):
+    (union["low"] / "d").mkdir()
+    (union["low"] / "d" / "f").write_text("lower")
+    (union["low"] / "big").write_bytes(os.urandom(2 << 20))
+    union.mount("noextras")
+    assert "pyfuse3's handlers only" in union.log.read_text()
+    return union
+
+
+def test_files_and_copy_up(plain):
+    u = plain
+    with open(u / "d" / "f", "a") as f:
+        f.write("+")
+    assert (u / "d" / "f").read_text() == "lower+"
+    assert (u["up"] / "d" / "f").read_text() == "lower+"
+    with open(u / "big", "r+b") as f:  # a threaded copy-up
+        f.write(b"X")
+    assert (u / "big").read_bytes()[:1] == b"X"
+    with open(u / "d" / "f", "w") as f:  # O_TRUNC reaches the daemon as an open flag here
+        f.write("new")
+    assert (u / "d" / "f").read_text() == "new"
+    os.truncate(u / "d" / "f", 1)
+    assert (u / "d" / "f").read_text() == "n"
+    assert (u["low"] / "d" / "f").read_text() == "lower"
+
+
+def test_namespace_and_attributes(plain):
+    u = plain
+    os.mkdir(u / "n")
+    (u / "n" / "x").write_text("x")
+    os.chmod(u / "n" / "x", 0o600)
+    os.setxattr(u / "n" / "x", "user.k", b"v")
+    assert os.getxattr(u / "n" / "x", "user.k") == b"v"
+    assert stat.S_IMODE(os.stat(u / "n" / "x").st_mode) == 0o600
+    os.rename(u / "d", u / "e")
+    assert os.listdir(u / "e") == ["f"]
+    os.unlink(u / "e" / "f")
+    os.rmdir(u / "e")
+    assert sorted(os.listdir(u.mnt)) == ["big", "n"]
+    fd = os.open(u / "n" / "x", os.O_RDONLY)
+    os.unlink(u / "n" / "x")
+    assert os.read(fd, 10) == b"x"
+    os.close(fd)
