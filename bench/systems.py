@@ -189,7 +189,14 @@ class _Fuse(_Layered):
             if proc.poll() is not None or time.monotonic() > deadline:
                 status = "timed out" if proc.returncode is None else _exit_status(proc.returncode)
                 message = f"{self.label} did not mount ({status}): {_last_line(log_path)}"
-                self.unmount(mounted)
+                try:
+                    self.unmount(mounted)
+                except MountError:
+                    pass  # the failed mount is the news
+                if log_path.exists():  # keep the daemon's log for the post-mortem
+                    kept = log_path.with_name(f"failed-mount-{self.name}-{time.time_ns()}.log")
+                    shutil.copyfile(log_path, kept)
+                    message += f" (daemon log: {kept})"
                 raise MountError(message)
             time.sleep(0.005)
         return mounted
