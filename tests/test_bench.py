@@ -41,7 +41,7 @@ def out(tmp_path):
 
 def test_tiny_run_times_every_workload_on_native_and_pyunion(out):
     done = run_bench("--profile", "tiny", "--systems", "native,pyunion", "--reps", "1",
-                     "--out", str(out), "--no-install", "--no-chart")
+                     "--out", str(out), "--no-install", "--no-chart", "--no-prefault")
     assert done.returncode == 0, done.stderr
     assert mounts_under(out) == []
 
