@@ -111,10 +111,11 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def available_memory() -> int:
+def free_memory() -> int:
+    """Unused RAM (MemFree: not counting the page cache, which must stay)."""
     with open("/proc/meminfo") as f:
         for line in f:
-            if line.startswith("MemAvailable:"):
+            if line.startswith("MemFree:"):
                 return int(line.split()[1]) << 10
     return 0
 
@@ -123,12 +124,12 @@ def prefault_memory(margin: int = PREFAULT_MARGIN) -> int:
     """Touch free RAM once so later page allocations do not pay first-touch costs; returns bytes.
 
     In a VM the host may back guest memory lazily: the first use of a page is several times
-    slower than later ones, which makes copy-up and FUSE page-cache fills bimodal. The memory is
-    held only while touching, and never closer than `margin` to running out.
+    slower than later ones, which makes copy-up and FUSE page-cache fills bimodal. Only free
+    memory is used, never closer than `margin`, so the page cache is not evicted.
     """
     held = []
     try:
-        while available_memory() > margin + PREFAULT_CHUNK:
+        while free_memory() > margin + PREFAULT_CHUNK:
             held.append(b"\1" * PREFAULT_CHUNK)
     except MemoryError:
         pass
