@@ -359,38 +359,28 @@ def _fh_to_ino(fi: int, ino: int) -> None:
 
 
 def _lseek(req, ino, off, whence, fi):
-    try:
-        fd = _fd_for(ino, False)
-        _fuse.fuse_reply_lseek(ctypes.c_void_p(req), ctypes.c_int64(os.lseek(fd, off, whence)))
-    except OSError as e:
-        _reply_err(req, e.errno or errno.EIO)
-    except Exception:
-        log.exception("lseek failed")
-        _reply_err(req, errno.EIO)
+    def work():
+        pos = os.lseek(_ops.fd_for(ino, False), off, whence)
+        _fuse.fuse_reply_lseek(ctypes.c_void_p(req), ctypes.c_int64(pos))
+
+    _answer(req, "lseek", (ino, off, whence), work)
 
 
 def _fallocate(req, ino, mode, offset, length, fi):
-    try:
-        fd = _fd_for(ino, True)
+    def work():
+        fd = _ops.fd_for(ino, True)  # (a copy-up here is done in place: rare, may take a while)
         if _libc.fallocate(fd, mode, ctypes.c_int64(offset), ctypes.c_int64(length)) != 0:
-            _reply_err(req, ctypes.get_errno() or errno.EIO)
-        else:
-            _reply_err(req, 0)
-    except OSError as e:
-        _reply_err(req, e.errno or errno.EIO)
-    except Exception:
-        log.exception("fallocate failed")
-        _reply_err(req, errno.EIO)
+            err = ctypes.get_errno() or errno.EIO
+            raise OSError(err, os.strerror(err))
+        _reply_err(req, 0)
+
+    _answer(req, "fallocate", (ino, mode, offset, length), work)
 
 
 _fuse = None
 _libc = None
 _ops = None
 _FUSEError = None
-
-
-def _fd_for(ino: int, write: bool) -> int:
-    return _ops.fd_for(ino, write)
 
 
 def install(pyfuse3_module, ops) -> bool:
