@@ -175,3 +175,28 @@ def test_lower_branches_never_modified(union):
     os.rename(union / "d", union / "e")
     union.umount()
     assert tree(union["low"]) == before
+
+
+def test_interleaved_listings_of_one_directory(union):
+    for i in range(3000):
+        (union["low" if i % 2 else "up"] / f"entry-with-a-long-name-{i:05}").write_text("")
+    union.mount()
+    a, b = os.scandir(union.mnt), os.scandir(union.mnt)
+    seen_a, seen_b = [], []
+    try:
+        for step in range(10_000):
+            for it, seen in ((a, seen_a), (b, seen_b)):
+                entry = next(it, None)
+                if entry is not None:
+                    seen.append(entry.name)
+            if step % 500 == 0:  # a change between reads drops the kernel's cached listing
+                (union / f"new-{step}").write_text("")
+            if len(seen_a) >= 3000 and len(seen_b) >= 3000 and step > 3100:
+                break
+    finally:
+        a.close()
+        b.close()
+    expected = {f"entry-with-a-long-name-{i:05}" for i in range(3000)}
+    for seen in (seen_a, seen_b):
+        assert len(seen) == len(set(seen)), "a name was listed twice"
+        assert expected <= set(seen), "a survivor was skipped"

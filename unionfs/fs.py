@@ -9,6 +9,7 @@ import functools
 import logging
 import os
 import stat
+from collections import OrderedDict
 
 import pyfuse3
 import trio
@@ -20,6 +21,8 @@ from unionfs.whiteout import CONTROL_XATTR, is_internal_xattr
 
 log = logging.getLogger(__name__)
 
+# listings kept when the kernel sends no OPENDIR (see _listing)
+MAX_LISTINGS = 256
 # copy-ups of files at least this big run in a worker thread, so the mount keeps serving
 THREAD_COPY_BYTES = 1 << 20
 PID_XATTR = b"pyunion.pid"
@@ -77,6 +80,9 @@ class UnionOperations(pyfuse3.Operations):
         self.debug = debug
         self._dir_handles: dict[int, DirHandle] = {}
         self._next_dir_fh = 1
+        # set by lowlevel when the kernel sends no OPENDIR: listings are kept per directory
+        self.no_opendir = False
+        self._listings: OrderedDict[int, DirHandle] = OrderedDict()
         self.data = DataFds(union)
         self._copy_locks: dict[int, trio.Lock] = {}
         self._copy_limiter = trio.CapacityLimiter(2)
@@ -382,28 +388,54 @@ class UnionOperations(pyfuse3.Operations):
         self._dir_handles[fh] = handle
         return fh
 
+    def _listing(self, ino: int, start_id: int) -> tuple[DirHandle, int, int]:
+        """Without OPENDIR (see lowlevel), listings are kept per directory, recently used ones
+        first, and every offset carries its listing's serial: (listing, serial, index)."""
+        serial, index = start_id >> 32, start_id & 0xFFFFFFFF
+        handle = self._listings.get(serial) if start_id else None
+        if handle is None:  # a new listing (or one forgotten long ago: start it afresh)
+            node = self._node(ino)
+            if not node.is_dir:
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            handle = DirHandle(node)
+            if node.handles is None:
+                node.handles = []
+            node.handles.append(handle)
+            serial = self._next_dir_fh
+            self._next_dir_fh += 1
+            self._listings[serial] = handle
+            while len(self._listings) > MAX_LISTINGS:
+                old = self._listings.popitem(last=False)[1]
+                old.node.handles.remove(old)
+        self._listings.move_to_end(serial)
+        return handle, serial, index
+
     @_handler
     async def readdir(self, fh, start_id, token):
-        handle = self._dir_handles[fh]
+        if self.no_opendir:  # fh is the directory's inode
+            handle, serial, start = self._listing(fh, start_id)
+        else:
+            handle, serial, start = self._dir_handles[fh], 0, start_id
         node = handle.node
         union = self.union
-        if handle.entries is None or (start_id == 0 and handle.done):
+        if handle.entries is None or (start == 0 and handle.done):
             handle.entries = union.listdir(node)
             handle.removed.clear()
             handle.done = False
         entries = handle.entries
-        for i in range(start_id, len(entries) + 2):
+        base = serial << 32
+        for i in range(start, len(entries) + 2):
             if i < 2:  # "." and "..": the kernel takes no reference for these
                 dot = node if i == 0 else (node.parent or node)
                 if not pyfuse3.readdir_reply(token, b"." if i == 0 else b"..",
-                                             self._attrs(dot, union.stat(dot)), i + 1):
+                                             self._attrs(dot, union.stat(dot)), base + i + 1):
                     return
                 continue
             name, b, st = entries[i - 2]
             if name in handle.removed:
                 continue
             child, st = union.entry_attrs(node, name, b, st)
-            if not pyfuse3.readdir_reply(token, name, self._attrs(child, st), i + 1):
+            if not pyfuse3.readdir_reply(token, name, self._attrs(child, st), base + i + 1):
                 union.table.drop_if_unused(child)
                 return
             child.lookups += 1
@@ -419,7 +451,8 @@ class UnionOperations(pyfuse3.Operations):
 
     @_handler
     async def fsyncdir(self, fh, datasync):
-        self.union.fsyncdir(self._dir_handles[fh].node)
+        node = self._node(fh) if self.no_opendir else self._dir_handles[fh].node
+        self.union.fsyncdir(node)
 
     # ------------------------------------------------------------------ the rest
 

@@ -5,8 +5,9 @@ and symlink caches. `install()` interposes on the one call that hands that table
 (`fuse_session_new`, through pyfuse3's own import slot for it) and completes the table:
 
 - LSEEK (SEEK_DATA/SEEK_HOLE) and FALLOCATE answered on the branch file's fd;
-- opendir replies marked cache_readdir + keep_cache, so the kernel caches listings (it drops
-  them itself when an entry changes through the mount; `pyunion refresh` drops the rest);
+- OPENDIR answered ENOSYS: the kernel then sends no OPENDIR/RELEASEDIR and caches listings
+  (it drops them itself when an entry changes through the mount; `pyunion refresh` drops the
+  rest); readdir and fsyncdir get the directory's inode as their handle;
 - FUSE_CAP_CACHE_SYMLINKS asked for at init, so readlink results are cached too;
 - OPEN answered ENOSYS, so the kernel stops sending OPEN (and needs no reply to RELEASE
   from Python): file handles are inode numbers (see datafds), which the wrappers of write
@@ -45,8 +46,10 @@ OP_WRITE = 16
 OP_RELEASE = 18
 OP_FSYNC = 19
 OP_OPENDIR = 20
+OP_FSYNCDIR = 23
 OP_GETXATTR = 26
 OP_CREATE = 30
+OP_READDIRPLUS = 41
 OP_WRITE_BUF = 36
 OP_FALLOCATE = 40
 OP_LSEEK = 43
@@ -58,7 +61,6 @@ FUSE_CAP_ATOMIC_O_TRUNC = 1 << 3
 # struct fuse_file_info: the bitfield word and fh
 FI_BITS = 4
 FI_KEEP_CACHE = 1 << 2
-FI_CACHE_READDIR = 1 << 6
 FI_FH = 16
 
 _R_JUMP_SLOT = {62: 7, 183: 1026}  # x86_64, aarch64
@@ -72,7 +74,6 @@ _LSEEK = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int64
                           ctypes.c_void_p)
 # pyfuse3's own handlers run Python code: call them without releasing the GIL
 _INIT_CALL = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
-_OPENDIR_CALL = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p)
 _READ_CALL = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int64,
                               ctypes.c_void_p)
 _WRITE_CALL = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t,
@@ -445,11 +446,10 @@ def install(pyfuse3_module, ops) -> bool:
 def _complete(table) -> None:
     """Fill in lseek and fallocate, answer OPEN/RELEASE, and wrap init, opendir and the I/O."""
     if not all(table[i] for i in (OP_INIT, OP_OPENDIR, OP_READ, OP_WRITE, OP_WRITE_BUF, OP_FSYNC,
-                                  OP_SETATTR)):
+                                  OP_SETATTR, OP_READDIRPLUS, OP_FSYNCDIR)):
         log.debug("pyfuse3 extras: unexpected handler table, left alone")
         return
     pyfuse_init = _INIT_CALL(table[OP_INIT])
-    pyfuse_opendir = _OPENDIR_CALL(table[OP_OPENDIR])
 
     def init(userdata, conn):
         pyfuse_init(userdata, conn)
@@ -460,9 +460,18 @@ def _complete(table) -> None:
         want.value &= ~FUSE_CAP_ATOMIC_O_TRUNC  # O_TRUNC must reach us: no OPEN is sent
 
     def opendir(req, ino, fi):
-        bits = ctypes.c_uint.from_address(fi + FI_BITS)
-        bits.value |= FI_KEEP_CACHE | FI_CACHE_READDIR
-        pyfuse_opendir(req, ino, fi)
+        _reply_err(req, errno.ENOSYS)  # "no OPENDIR needed": listings are cached by the kernel
+
+    pyfuse_readdirplus = _READ_CALL(table[OP_READDIRPLUS])
+    pyfuse_fsyncdir = _FSYNC_CALL(table[OP_FSYNCDIR])
+
+    def readdirplus(req, ino, size, off, fi):
+        _fh_to_ino(fi, ino)
+        pyfuse_readdirplus(req, ino, size, off, fi)
+
+    def fsyncdir(req, ino, datasync, fi):
+        _fh_to_ino(fi, ino)
+        pyfuse_fsyncdir(req, ino, datasync, fi)
 
     def open_(req, ino, fi):
         _reply_err(req, errno.ENOSYS)  # "no OPEN needed": the kernel stops sending them
@@ -517,7 +526,8 @@ def _complete(table) -> None:
         OP_INIT: _INIT(init), OP_FALLOCATE: _FALLOCATE(_fallocate), OP_LSEEK: _LSEEK(_lseek),
         OP_OPENDIR: _OPENDIR(opendir), OP_OPEN: _OPEN(open_), OP_RELEASE: _OPEN(release),
         OP_WRITE: _WRITE(write), OP_WRITE_BUF: _WRITE_BUF(write_buf), OP_FSYNC: _FSYNC(fsync),
-        OP_SETATTR: _SETATTR(setattr_),
+        OP_SETATTR: _SETATTR(setattr_), OP_READDIRPLUS: _READ(readdirplus),
+        OP_FSYNCDIR: _FSYNC(fsyncdir),
     }
     if _FAST_PATHS:
         wrappers.update({OP_LOOKUP: _LOOKUP(_lookup), OP_GETATTR: _GETATTR(_getattr),
@@ -535,5 +545,6 @@ def _complete(table) -> None:
         _keep.append(pyfuse_read)
     for index, callback in wrappers.items():
         table[index] = ctypes.cast(callback, ctypes.c_void_p).value
-    _keep.extend([*wrappers.values(), pyfuse_init, pyfuse_opendir, pyfuse_write, pyfuse_write_buf,
-                  pyfuse_fsync, pyfuse_setattr])
+    _keep.extend([*wrappers.values(), pyfuse_init, pyfuse_write, pyfuse_write_buf,
+                  pyfuse_fsync, pyfuse_setattr, pyfuse_readdirplus, pyfuse_fsyncdir])
+    _ops.no_opendir = True
