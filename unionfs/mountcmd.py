@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 from unionfs.branches import RO_WH, RW, BranchSpec, check_branches, parse_branches
 from unionfs.errors import UsageError
@@ -306,7 +307,9 @@ def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: b
     async def run():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, pyfuse3)
-            nursery.start_soon(trio.to_thread.run_sync, _raise_readahead, mountpoint)
+            # (abandoned at exit: it must not hold the daemon up if the mount is already gone)
+            nursery.start_soon(partial(trio.to_thread.run_sync, _raise_readahead, mountpoint,
+                                       cancellable=True))
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
 
