@@ -309,7 +309,7 @@ def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: b
             nursery.start_soon(_stop_on_signal, pyfuse3)
             # (abandoned at exit: it must not hold the daemon up if the mount is already gone)
             nursery.start_soon(partial(trio.to_thread.run_sync, _raise_readahead, mountpoint,
-                                       cancellable=True))
+                                       abandon_on_cancel=True))
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
 
