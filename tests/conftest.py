@@ -3,8 +3,10 @@
 import contextlib
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -143,6 +145,15 @@ def shared_union(make_union):
 def union(make_union):
     """A two-branch union (up=rw over low=ro+wh), not yet mounted: fill the branches, then .mount()."""
     return make_union()
+
+
+@pytest.fixture
+def shared_dir():
+    """A world-writable directory an unprivileged user can use (pytest's tmp_path is root-only)."""
+    d = tempfile.mkdtemp(prefix="pyunion-rootless-")
+    os.chmod(d, 0o777)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 TEST_USER = "pyuniontest"

@@ -6,7 +6,6 @@ import shutil
 import socket
 import subprocess
 import tarfile
-import tempfile
 
 import pytest
 from test_image_builders import (
@@ -237,15 +236,6 @@ def test_container_contract_errors(tmp_path, home):
     assert sorted(os.listdir(os.path.join(home, "containers"))) == ["web"]
     with open(os.path.join(home, "containers", "web", "container.json")) as f:
         assert json.load(f)["image"] == inspect(home, "busy:1")["Id"]
-
-
-@pytest.fixture
-def shared_dir():
-    """A world-writable directory an unprivileged user can use (pytest's tmp_path is root-only)."""
-    d = tempfile.mkdtemp(prefix="pyunion-rootless-")
-    os.chmod(d, 0o777)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def test_rootless_commit_maps_the_callers_ids_back_to_root(shared_dir):

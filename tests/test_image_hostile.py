@@ -2,8 +2,6 @@
 
 import json
 import os
-import shutil
-import tempfile
 
 import pytest
 from test_image_builders import (
@@ -124,15 +122,6 @@ def test_same_tar_entries_replace_each_other_safely(tmp_path, home, outside):
 
 def run_as_nobody(args, home):
     return as_nobody(lambda: cli.main(args), home)
-
-
-@pytest.fixture
-def shared_dir():
-    """A world-writable directory an unprivileged user can use (pytest's tmp_path is root-only)."""
-    d = tempfile.mkdtemp(prefix="pyunion-rootless-")
-    os.chmod(d, 0o777)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def test_rootless_import_records_ownership_and_refuses_devices(shared_dir):

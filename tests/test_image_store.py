@@ -2,10 +2,8 @@
 
 import os
 import pty
-import shutil
 import stat
 import subprocess
-import tempfile
 
 import pytest
 from test_image_builders import (
@@ -100,15 +98,6 @@ def test_progress_bar_only_on_a_terminal(tmp_path, home):
         ["image", "export", "big:1", str(tmp_path / "out.tar")], home
     )
     assert code == 0 and b"\rexporting big:1" in output
-
-
-@pytest.fixture
-def shared_dir():
-    """A world-writable directory an unprivileged user can use (pytest's tmp_path is root-only)."""
-    d = tempfile.mkdtemp(prefix="pyunion-rootless-")
-    os.chmod(d, 0o777)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def test_rootless_store_removes_locked_down_directories(shared_dir):
