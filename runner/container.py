@@ -23,7 +23,7 @@ from runner import libc, rootfs
 from runner.cgroups import Cgroup, Hierarchy, Limits, hierarchies
 from runner.errors import RunError
 from runner.idmap import IdMapping, plan_mapping, write_maps
-from runner.init import Command, hold_signals, run_init
+from runner.init import RUNNER_FORWARDED, Command, hold_signals, run_init
 from runner.initlayer import MOUNTPOINTS, resolve_in_layers, write_init_layer
 from runner.privileges import last_cap
 from runner.rootfs import Volume
@@ -34,14 +34,6 @@ from unionfs.errors import UsageError
 EXIT_RUNNER = 125
 MOUNT_TIMEOUT = 60.0
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-RUNNER_FORWARDED = (
-    signal.SIGHUP,
-    signal.SIGINT,
-    signal.SIGQUIT,
-    signal.SIGTERM,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-)
 
 
 @dataclass

@@ -9,16 +9,16 @@ from dataclasses import dataclass
 
 from runner.privileges import drop_privileges
 
-FORWARDED = (
+# signals `pyunion run` passes on to the container; pid 1 also passes on terminal ones
+RUNNER_FORWARDED = (
     signal.SIGHUP,
     signal.SIGINT,
     signal.SIGQUIT,
     signal.SIGTERM,
     signal.SIGUSR1,
     signal.SIGUSR2,
-    signal.SIGWINCH,
-    signal.SIGCONT,
 )
+FORWARDED = (*RUNNER_FORWARDED, signal.SIGWINCH, signal.SIGCONT)
 EXIT_NOT_FOUND = 127
 EXIT_NOT_EXECUTABLE = 126
 

@@ -185,6 +185,12 @@ def runner(request, rootfs, tmp_path):
             assert os.listdir(workspaces) == []
         return res
 
+    def popen(*args):
+        """`pyunion run ARGS` started, not waited for (stdout and stderr piped)."""
+        return subprocess.Popen(cmd + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=env, user=uid, group=gid, extra_groups=[], cwd="/")
+
+    run.popen = popen
     run.mode = request.param
     run.uid = uid
     run.gid = gid
@@ -520,16 +526,7 @@ def test_tty(runner, rootfs):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_signals_reach_the_command(runner, rootfs, sig):
     script = f"trap 'echo got; exit 3' {sig.name[3:]}; echo ready; while :; do sleep 1; done"
-    proc = subprocess.Popen(
-        runner.cmd + [rootfs["root"], "--", "sh", "-c", script],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=runner.env,
-        user=runner.uid,
-        group=runner.gid,
-        extra_groups=[],
-        cwd="/",
-    )
+    proc = runner.popen(rootfs["root"], "--", "sh", "-c", script)
     try:
         ready, _, _ = select.select([proc.stdout], [], [], TIMEOUT)
         assert ready and proc.stdout.readline() == b"ready\n"
@@ -721,16 +718,7 @@ def test_namespaces_are_new(runner, rootfs):
 
 
 def test_signal_during_start_leaves_nothing(runner, rootfs):
-    proc = subprocess.Popen(
-        runner.cmd + [rootfs["root"], "--", "sleep", "1000"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=runner.env,
-        user=runner.uid,
-        group=runner.gid,
-        extra_groups=[],
-        cwd="/",
-    )
+    proc = runner.popen(rootfs["root"], "--", "sleep", "1000")
     try:
         time.sleep(0.3)  # somewhere in the start-up: the outcome must be the same wherever
         proc.send_signal(signal.SIGTERM)
