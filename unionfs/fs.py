@@ -21,6 +21,9 @@ from unionfs.whiteout import CONTROL_XATTR, is_internal_xattr
 
 log = logging.getLogger(__name__)
 
+# reads up to this size are done as asked, bigger ones (read-ahead: up to 1 MiB) are first
+# cut to the file's size
+SMALL_READ = 128 << 10
 # listings kept when the kernel sends no OPENDIR (see _listing)
 MAX_LISTINGS = 256
 # copy-ups of files at least this big run in a worker thread, so the mount keeps serving
@@ -177,9 +180,9 @@ class UnionOperations(pyfuse3.Operations):
 
     def do_read(self, fh: int, off: int, size: int) -> bytes:
         fd = self.data.get(self._node(fh), False)
-        # read-ahead asks for up to 1 MiB; pread allocates all it is asked for, so ask for
-        # no more than the file holds (small files are the common case)
-        return os.pread(fd, min(size, max(os.fstat(fd).st_size - off, 0)), off)
+        if size > SMALL_READ:  # pread allocates all it is asked for: no more than the file holds
+            size = min(size, max(os.fstat(fd).st_size - off, 0))
+        return os.pread(fd, size, off)
 
     def do_getxattr(self, inode: int, name: bytes) -> bytes:
         if name == PID_XATTR and inode == ROOT_INO:

@@ -41,9 +41,6 @@ class Node:
     def name(self) -> bytes:
         return self.path.rpartition(b"/")[2]
 
-    def all_paths(self) -> list[bytes]:
-        return [self.path, *(self.aliases or ())]
-
     def __repr__(self) -> str:
         return f"<Node {self.ino} {self.path!r} b{self.branch}>"
 
