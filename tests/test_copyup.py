@@ -159,3 +159,36 @@ def test_truncating_changes_copy_only_what_survives(union):
     assert (union["up"] / "t2").read_bytes() == data[:1000]
     assert stat.S_IMODE(os.stat(union["up"] / "t1").st_mode) == 0o604
     assert (union["low"] / "t1").read_bytes() == data
+
+
+def test_write_to_an_open_lower_file_after_its_name_went(union):
+    """POSIX: an open file outlives its name. The first write to a lower file that was unlinked
+    (or replaced) while open still copies it up, into an unlinked file that reads back."""
+    low = _lower_file(union, "f", b"lower data")
+    _lower_file(union, "g", b"other")
+    union.mount()
+    with open(union / "f", "r+b") as f, open(union / "g", "r+b") as g:
+        os.unlink(union / "f")
+        os.rename(union / "g", union / "h")
+        (union / "g").write_bytes(b"a new g")
+        f.seek(0, os.SEEK_END)
+        f.write(b" + more")
+        f.flush()
+        g.write(b"O")
+        g.flush()
+        f.seek(0)
+        assert f.read() == b"lower data + more"
+        assert os.fstat(f.fileno()).st_size == len(b"lower data + more")
+        g.seek(0)
+        assert g.read() == b"Other"
+        assert (union / "h").read_bytes() == b"Other"
+        assert (union / "g").read_bytes() == b"a new g"
+        assert not (union / "f").exists()
+    assert low.read_bytes() == b"lower data"
+    assert (union["low"] / "g").read_bytes() == b"other"
+    assert not (union["up"] / "f").exists()
+    assert (union["up"] / ".wh.f").exists()
+    assert (union["up"] / "g").read_bytes() == b"a new g"
+    union.umount()
+    assert not any(p.is_file() for p in (union["up"] / ".wh..wh.pyunion").rglob("*")), \
+        "a copy-up left its work file behind"

@@ -130,6 +130,14 @@ class CopyJob:
         self._created = False
         self.close()
 
+    def detach(self) -> int:
+        """Keep the finished copy of a regular file as an unlinked file; its read-write fd."""
+        fd = os.open(self.tmp, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.work_fd)
+        os.unlink(self.tmp, dir_fd=self.work_fd)
+        self._created = False
+        self.close()
+        return fd
+
     def close(self) -> None:
         for fd in (self._src, self._dst):
             if fd is not None:

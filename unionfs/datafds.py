@@ -70,6 +70,11 @@ class DataFds:
                 return
         self._pinned[node.ino] = entry
 
+    def pin_fd(self, node: Node, fd: int, writable: bool) -> None:
+        """Pin FD as NODE's data: the file has no name left to open it by."""
+        self.drop(node)
+        self._pinned[node.ino] = (fd, writable)
+
     def drop(self, node: Node) -> None:
         """Close NODE's fds: its data moved (copy-up) or the kernel forgot it."""
         for table in (self._fds, self._pinned):

@@ -146,8 +146,10 @@ class UnionOperations(pyfuse3.Operations):
                 except BaseException:
                     job.abort()
                     raise
-                union.finish_copy_up(node, job)
+                orphan = union.finish_copy_up(node, job)
                 self.data.drop(node)  # readers now read the copy
+                if orphan is not None:  # its name went meanwhile: the open file lives on
+                    self.data.pin_fd(node, orphan, True)
         finally:
             if lock.statistics().tasks_waiting == 0 and not lock.locked():
                 self._copy_locks.pop(node.ino, None)

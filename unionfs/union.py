@@ -193,18 +193,30 @@ class Union(MergedView):
             raise
         return job
 
-    def finish_copy_up(self, node: Node, job: CopyJob) -> None:
-        """Publish a prepared copy: metadata, then one rename into the writable branch."""
+    def finish_copy_up(self, node: Node, job: CopyJob) -> int | None:
+        """Publish a prepared copy: metadata, then one rename into the writable branch.
+
+        If the name no longer shows the file copied (removed or replaced meanwhile, while the
+        kernel still has it open), the copy stays an unlinked file: its read-write fd is returned.
+        """
         try:
             t = self.require_writable()
             if not self.needs_copy_up(node):  # copied meanwhile (a directory rename did it)
                 job.abort()
-                return
+                return None
             # the name must still show the entry we copied: not removed, not replaced
-            p = self.probe(node.parent, node.name)
-            b, st = p.entries[0] if p.entries else (None, None)
+            try:
+                p = self.probe(node.parent, node.name)
+                b, st = p.entries[0] if p.entries else (None, None)
+            except FileNotFoundError:
+                b = st = None
             if b != node.branch or (st.st_dev, st.st_ino) != (job.st.st_dev, job.st.st_ino):
-                raise oserror(errno.ESTALE, node.path)
+                if not stat.S_ISREG(job.st.st_mode):
+                    raise oserror(errno.ESTALE, node.path)
+                job.finish()
+                fd = job.detach()
+                node.branch = t
+                return fd
             pfd = self.ensure_dir(t, node.parent)
             job.finish()
             self._publish(job, pfd, node.name)
@@ -217,6 +229,7 @@ class Union(MergedView):
         if job.st.st_nlink > 1 and stat.S_ISREG(job.st.st_mode):
             self._index(t, pfd, node.name, node.key, new, job.st.st_nlink)
         self._link_aliases(node, t, pfd)
+        return None
 
     def _link_aliases(self, node: Node, t: int, pfd: int) -> None:
         """Other known names of a copied-up hard-linked file become links to the copy (pseudo-links)."""
@@ -240,7 +253,9 @@ class Union(MergedView):
         job = self.prepare_copy_up(node)
         if job is not None:
             job.copy_data()
-            self.finish_copy_up(node, job)
+            fd = self.finish_copy_up(node, job)
+            if fd is not None:  # (callers reach files the kernel holds by their names)
+                os.close(fd)
 
     def _copy_up_name(self, parent: Node, name: bytes, p: Probe, t: int) -> Node:
         """Make the winner of a probed name exist in branch T; its node."""
