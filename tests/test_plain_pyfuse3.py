@@ -1,5 +1,5 @@
-"""The same semantics on pyfuse3's own handlers (-o noextras), as on a machine where
-unionfs/lowlevel.py has to stay out of the way."""
+"""The same semantics on pyfuse3's own request loop and handlers (-o noextras), which a mount
+falls back to when unionfs/session.py cannot find the /dev/fuse fd it would serve."""
 
 import os
 import stat
@@ -13,7 +13,7 @@ def plain(union):
     (union["low"] / "d" / "f").write_text("lower")
     (union["low"] / "big").write_bytes(os.urandom(2 << 20))
     union.mount("noextras")
-    assert "pyfuse3's handlers only" in union.log.read_text()
+    assert "pyfuse3's own request loop" in union.log.read_text()
     return union
 
 

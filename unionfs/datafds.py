@@ -1,7 +1,7 @@
 """Open fds of files' data, one per file and shared by all its opens (a file handle is the inode).
 
 Opening per file rather than per open lets the kernel skip OPEN requests altogether (see
-lowlevel), and makes every reader see a file's current data, even after a copy-up. Fds are
+session), and makes every reader see a file's current data, even after a copy-up. Fds are
 kept least recently used first, up to a bound; a file removed while the kernel may still
 read it keeps its fd pinned until the kernel forgets it.
 """

@@ -83,12 +83,15 @@ class UnionOperations(pyfuse3.Operations):
         self.debug = debug
         self._dir_handles: dict[int, DirHandle] = {}
         self._next_dir_fh = 1
-        # set by lowlevel when the kernel sends no OPENDIR: listings are kept per directory
+        # set by the session when the kernel sends no OPENDIR: listings are kept per directory
         self.no_opendir = False
         self._listings: OrderedDict[int, DirHandle] = OrderedDict()
         self.data = DataFds(union)
         self._copy_locks: dict[int, trio.Lock] = {}
         self._copy_limiter = trio.CapacityLimiter(2)
+        # how the kernel is told to forget entries and inodes (see _refresh): set by a session
+        # that speaks the protocol itself; pyfuse3's notifications otherwise
+        self.invalidate = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -157,7 +160,7 @@ class UnionOperations(pyfuse3.Operations):
     # ------------------------------------------------------------------ lookups
 
     # The request handlers that never wait are written as plain functions (`do_*`): the
-    # async handlers call them, and lowlevel calls them directly, without pyfuse3's coroutine
+    # async handlers call them, and the session calls them directly, without pyfuse3's coroutine
     # round, which costs more than the work itself.
 
     def do_lookup(self, parent_inode: int, name: bytes) -> tuple[Node, os.stat_result] | None:
@@ -208,6 +211,9 @@ class UnionOperations(pyfuse3.Operations):
         return self._entry(*found)
 
     async def forget(self, inode_list):
+        self.do_forget(inode_list)
+
+    def do_forget(self, inode_list) -> None:
         table = self.union.table
         for ino, count in inode_list:
             try:
@@ -231,31 +237,39 @@ class UnionOperations(pyfuse3.Operations):
         """Write to a node that needs no copy-up."""
         return os.pwrite(self.data.get(node, True), buf, off)
 
+    async def change_attrs(self, node: Node, changes: dict) -> os.stat_result:
+        """Apply attribute CHANGES (see Union.setattr), copying the node up first if due."""
+        await self._copy_up(node, changes["size"])
+        return self.do_setattr(node, **changes)
+
     @_handler
     async def setattr(self, inode, attr, fields, fh, ctx):
         node = self._node(inode)
-        await self._copy_up(node, attr.st_size if fields.update_size else None)
-        st = self.do_setattr(
-            node,
-            mode=attr.st_mode if fields.update_mode else None,
-            uid=attr.st_uid if fields.update_uid else None,
-            gid=attr.st_gid if fields.update_gid else None,
-            size=attr.st_size if fields.update_size else None,
-            atime_ns=attr.st_atime_ns if fields.update_atime else None,
-            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
-        )
+        st = await self.change_attrs(node, {
+            "mode": attr.st_mode if fields.update_mode else None,
+            "uid": attr.st_uid if fields.update_uid else None,
+            "gid": attr.st_gid if fields.update_gid else None,
+            "size": attr.st_size if fields.update_size else None,
+            "atime_ns": attr.st_atime_ns if fields.update_atime else None,
+            "mtime_ns": attr.st_mtime_ns if fields.update_mtime else None,
+        })
         return self._attrs(node, st)
 
     @_handler
     async def readlink(self, inode, ctx):
+        return self.do_readlink(inode)
+
+    def do_readlink(self, inode: int) -> bytes:
         return self.union.readlink(self._node(inode))
 
     # ------------------------------------------------------------------ namespace changes
 
     @_handler
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        node, st = self.union.mknod(self._node(parent_inode), name, mode, rdev, ctx.uid, ctx.gid)
-        return self._entry(node, st)
+        return self._entry(*self.do_mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid))
+
+    def do_mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, uid: int, gid: int):
+        return self.union.mknod(self._node(parent_inode), name, mode, rdev, uid, gid)
 
     @_handler
     async def mkdir(self, parent_inode, name, mode, ctx):
@@ -266,15 +280,19 @@ class UnionOperations(pyfuse3.Operations):
 
     @_handler
     async def symlink(self, parent_inode, name, target, ctx):
-        node, st = self.union.symlink(self._node(parent_inode), name, target, ctx.uid, ctx.gid)
-        return self._entry(node, st)
+        return self._entry(*self.do_symlink(parent_inode, name, target, ctx.uid, ctx.gid))
+
+    def do_symlink(self, parent_inode: int, name: bytes, target: bytes, uid: int, gid: int):
+        return self.union.symlink(self._node(parent_inode), name, target, uid, gid)
 
     @_handler
     async def link(self, inode, new_parent_inode, new_name, ctx):
+        return self._entry(*await self.do_link(inode, new_parent_inode, new_name))
+
+    async def do_link(self, inode: int, new_parent_inode: int, new_name: bytes):
         node = self._node(inode)
         await self._copy_up(node)
-        node, st = self.union.link(node, self._node(new_parent_inode), new_name)
-        return self._entry(node, st)
+        return self.union.link(node, self._node(new_parent_inode), new_name)
 
     def _pin_before_removal(self, parent: Node, name: bytes) -> None:
         """A file the kernel knows may still be read after its name goes: keep its data open."""
@@ -301,6 +319,10 @@ class UnionOperations(pyfuse3.Operations):
 
     @_handler
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        await self.do_rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    async def do_rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                        name_new: bytes, flags: int) -> None:
         old_parent = self._node(parent_inode_old)
         try:  # copy a big file up outside the event loop first
             node, _ = self.union.lookup(old_parent, name_old)
@@ -316,10 +338,14 @@ class UnionOperations(pyfuse3.Operations):
     # ------------------------------------------------------------------ files
 
     # A file handle is the file's inode number: data fds are per file (see DataFds), and with
-    # the lowlevel extras the kernel sends no OPEN at all (handle 0 is then the inode too).
+    # our own session the kernel sends no OPEN at all (handle 0 is then the inode too).
 
     @_handler
     async def open(self, inode, flags, ctx):
+        return pyfuse3.FileInfo(fh=await self.do_open(inode, flags), keep_cache=True)
+
+    async def do_open(self, inode: int, flags: int) -> int:
+        """Prepare NODE for an open with FLAGS (copy-up, truncation); returns the handle."""
         node = self._node(inode)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
             self.union.require_writable()
@@ -328,7 +354,7 @@ class UnionOperations(pyfuse3.Operations):
                 os.ftruncate(self.data.get(node, True), 0)
         else:
             self.data.get(node, False)  # fail now if it cannot be opened
-        return pyfuse3.FileInfo(fh=node.ino, keep_cache=True)
+        return node.ino
 
     @_handler
     async def create(self, parent_inode, name, mode, flags, ctx):
@@ -358,6 +384,9 @@ class UnionOperations(pyfuse3.Operations):
 
     @_handler
     async def fsync(self, fh, datasync):
+        self.do_fsync(fh, datasync)
+
+    def do_fsync(self, fh: int, datasync: bool) -> None:
         node = self._node(fh)
         fd = self.data.writable(node)
         if fd is not None:
@@ -368,7 +397,7 @@ class UnionOperations(pyfuse3.Operations):
         pass
 
     def fd_for(self, ino: int, write: bool) -> int:
-        """The data fd of inode INO, for the lowlevel extras (lseek, fallocate)."""
+        """The data fd of inode INO, for the session's lseek and fallocate."""
         node = self._node(ino)
         if write and self.union.needs_copy_up(node):
             self.union.copy_up(node)
@@ -394,7 +423,7 @@ class UnionOperations(pyfuse3.Operations):
         return fh
 
     def _listing(self, ino: int, start_id: int) -> tuple[DirHandle, int, int]:
-        """Without OPENDIR (see lowlevel), listings are kept per directory, recently used ones
+        """Without OPENDIR (see session), listings are kept per directory, recently used ones
         first, and every offset carries its listing's serial: (listing, serial, index)."""
         serial, index = start_id >> 32, start_id & 0xFFFFFFFF
         handle = self._listings.get(serial) if start_id else None
@@ -417,6 +446,17 @@ class UnionOperations(pyfuse3.Operations):
 
     @_handler
     async def readdir(self, fh, start_id, token):
+        def emit(name, node, st, next_id):
+            return pyfuse3.readdir_reply(token, name, self._attrs(node, st), next_id)
+
+        self.do_readdir(fh, start_id, emit)
+
+    def do_readdir(self, fh: int, start_id: int, emit) -> None:
+        """List directory FH (its inode without OPENDIR) from START_ID on.
+
+        EMIT(name, node, attributes, next_id) answers whether the entry still fitted; each one
+        that did, but "." and "..", is a new reference of the kernel's.
+        """
         if self.no_opendir:  # fh is the directory's inode
             handle, serial, start = self._listing(fh, start_id)
         else:
@@ -432,15 +472,14 @@ class UnionOperations(pyfuse3.Operations):
         for i in range(start, len(entries) + 2):
             if i < 2:  # "." and "..": the kernel takes no reference for these
                 dot = node if i == 0 else (node.parent or node)
-                if not pyfuse3.readdir_reply(token, b"." if i == 0 else b"..",
-                                             self._attrs(dot, union.stat(dot)), base + i + 1):
+                if not emit(b"." if i == 0 else b"..", dot, union.stat(dot), base + i + 1):
                     return
                 continue
             name, b, st = entries[i - 2]
             if name in handle.removed:
                 continue
             child, st = union.entry_attrs(node, name, b, st)
-            if not pyfuse3.readdir_reply(token, name, self._attrs(child, st), base + i + 1):
+            if not emit(name, child, st, base + i + 1):
                 union.table.drop_if_unused(child)
                 return
             child.lookups += 1
@@ -456,6 +495,9 @@ class UnionOperations(pyfuse3.Operations):
 
     @_handler
     async def fsyncdir(self, fh, datasync):
+        self.do_fsyncdir(fh)
+
+    def do_fsyncdir(self, fh: int) -> None:
         node = self._node(fh) if self.no_opendir else self._dir_handles[fh].node
         self.union.fsyncdir(node)
 
@@ -477,6 +519,9 @@ class UnionOperations(pyfuse3.Operations):
 
     @_handler
     async def listxattr(self, inode, ctx):
+        return self.do_listxattr(inode)
+
+    def do_listxattr(self, inode: int) -> list[bytes]:
         return self.union.listxattr(self._node(inode))
 
     @_handler
@@ -527,9 +572,12 @@ class UnionOperations(pyfuse3.Operations):
                 names.add((node.parent.ino, node.name))
             if node.is_dir:  # names the kernel may hold as absent: everything the branches hold now
                 names.update((node.ino, n) for n in self.union.branch_names(node))
+        inos = [n.ino for n in nodes]
+        if self.invalidate is not None:
+            self.invalidate(sorted(names), inos)
+            return
         for parent_ino, name in names:
             pyfuse3.invalidate_entry_async(parent_ino, name, ignore_enoent=True)
-        inos = [n.ino for n in nodes]
         trio.lowlevel.spawn_system_task(self._invalidate_inodes, inos)
 
     async def _invalidate_inodes(self, inos: list[int]) -> None:

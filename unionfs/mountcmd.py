@@ -38,7 +38,8 @@ class MountOptions:
     negative_timeout: float = 86400.0
     writeback: bool = False
     volatile: bool = False
-    extras: bool = True  # unionfs.lowlevel (off: pyfuse3's own handlers only)
+    extras: bool = True  # unionfs.session (off: pyfuse3's own loop and handlers)
+    poll_us: float = 200.0  # the session's longest wait by polling (see Session._poll)
     logfile: str | None = None
     fsname: str = "pyunion"
     workdir: str | None = None
@@ -83,6 +84,13 @@ def parse_options(items: list[str]) -> MountOptions:
                 o.volatile = True
             elif key == "noextras" and not sep:
                 o.extras = False
+            elif key == "poll" and sep:
+                try:
+                    o.poll_us = float(value)
+                except ValueError:
+                    raise UsageError(f"option poll: not a number of microseconds: {value!r}") from None
+                if not 0 <= o.poll_us <= 100_000:
+                    raise UsageError("option poll: must be between 0 and 100000 microseconds")
             elif key in ("logfile", "fsname", "workdir", "lowerdir", "upperdir") and sep:
                 if not value:
                     raise UsageError(f"option {key} needs a value")
@@ -285,12 +293,8 @@ def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: b
         fuse_options.add("allow_other")
     if union.readonly:
         fuse_options.add("ro")
-    from unionfs import lowlevel
-
     if not o.extras:
-        log.info("running on pyfuse3's handlers only (-o noextras)")
-    elif not lowlevel.install(pyfuse3, ops):
-        log.info("running without lseek/fallocate and the kernel's readdir cache (see debug log)")
+        log.info("running on pyfuse3's own request loop and handlers (-o noextras)")
     try:
         pyfuse3.init(ops, mountpoint, fuse_options)
     except RuntimeError:
@@ -304,13 +308,23 @@ def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: b
         os.close(devnull)
         _report(ready, "OK")
 
+    session = None
+    if o.extras:
+        from unionfs.session import Session, find_device_fd
+
+        fd = find_device_fd()
+        if fd is not None:
+            session = Session(ops, fd, o.writeback, o.poll_us / 1e6)
+        else:
+            log.info("no single /dev/fuse fd found: running on pyfuse3's request loop")
+
     async def run():
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signal, pyfuse3)
+            nursery.start_soon(_stop_on_signal, session.stop if session else pyfuse3.terminate)
             # (abandoned at exit: it must not hold the daemon up if the mount is already gone)
             nursery.start_soon(partial(trio.to_thread.run_sync, _raise_readahead, mountpoint,
                                        abandon_on_cancel=True))
-            await pyfuse3.main()
+            await (session.serve() if session else pyfuse3.main())
             nursery.cancel_scope.cancel()
 
     clean = False
@@ -357,13 +371,13 @@ def _raise_readahead(mountpoint: str) -> None:
         log.debug("cannot raise read-ahead: %s", e)
 
 
-async def _stop_on_signal(pyfuse3) -> None:
+async def _stop_on_signal(stop) -> None:
     import trio
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("signal %d: unmounting", signum)
-            pyfuse3.terminate()
+            stop()
             return
 
 
