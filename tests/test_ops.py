@@ -23,6 +23,28 @@ def test_mknod_symlink_readlink(union):
     assert e.value.errno == errno.EPERM
 
 
+def test_write_by_an_unprivileged_owner_clears_set_id_bits(shared_union, test_user):
+    """As on any filesystem: writing to a set-user-ID file without CAP_FSETID clears the bit
+    (the copy-up in the writable branch changes; the lower file keeps its mode)."""
+    union = shared_union
+    uid, gid = test_user
+    low = union["low"] / "tool"
+    low.write_text("#!/bin/sh\n")
+    os.chown(low, uid, gid)
+    os.chmod(low, 0o6755)
+    union.mount()
+
+    def append():
+        with open(union / "tool", "a") as f:
+            f.write("true\n")
+
+    assert as_user(uid, gid, append) == 0
+    assert stat.S_IMODE(os.stat(union / "tool").st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(union["up"] / "tool").st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(low).st_mode) == 0o6755
+    assert (union / "tool").read_text() == "#!/bin/sh\ntrue\n"
+
+
 def test_new_entries_owned_by_caller_and_setgid_honoured(shared_union, test_user):
     union = shared_union
     uid, gid = test_user
