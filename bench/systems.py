@@ -59,10 +59,13 @@ def _unescape_mountinfo(text: str) -> str:
     return text.encode().decode("unicode_escape") if "\\" in text else text
 
 
-def is_mounted(path: Path) -> bool:
-    wanted = os.path.realpath(path)
+def _mount_points() -> list[str]:
     with open("/proc/self/mountinfo") as f:
-        return any(_unescape_mountinfo(line.split()[4]) == wanted for line in f)
+        return [_unescape_mountinfo(line.split()[4]) for line in f]
+
+
+def is_mounted(path: Path) -> bool:
+    return os.path.realpath(path) in _mount_points()
 
 
 def _run(argv: list[str], what: str) -> None:
@@ -73,8 +76,16 @@ def _run(argv: list[str], what: str) -> None:
 
 
 def _remove_tree(path: Path) -> None:
-    if path.exists() and not is_mounted(path):
-        subprocess.run(["rm", "-rf", str(path)], check=False)
+    """Remove PATH, first detaching anything mounted in it (left by an interrupted run):
+    never remove files through a mount."""
+    if not path.exists():
+        return
+    top = os.path.realpath(path)
+    for point in sorted((p for p in _mount_points() if p == top or p.startswith(top + "/")),
+                        key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], check=False, stderr=subprocess.DEVNULL)
+    if not is_mounted(path):
+        subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=False)
 
 
 def pyunion_command() -> list[str]:
