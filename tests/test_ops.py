@@ -28,21 +28,30 @@ def test_write_by_an_unprivileged_owner_clears_set_id_bits(shared_union, test_us
     (the copy-up in the writable branch changes; the lower file keeps its mode)."""
     union = shared_union
     uid, gid = test_user
-    low = union["low"] / "tool"
-    low.write_text("#!/bin/sh\n")
-    os.chown(low, uid, gid)
-    os.chmod(low, 0o6755)
+    modes = {"tool": 0o6755, "cut": 0o4755, "locked": 0o2745, "root": 0o6755}
+    for name, mode in modes.items():
+        (union["low"] / name).write_text("#!/bin/sh\n")
+        os.chown(union["low"] / name, uid, gid)
+        os.chmod(union["low"] / name, mode)
     union.mount()
 
-    def append():
+    def change():
         with open(union / "tool", "a") as f:
             f.write("true\n")
+        os.truncate(union / "cut", 2)
+        with open(union / "locked", "a") as f:  # set-group-ID without group-execute: a lock mark
+            f.write("true\n")
 
-    assert as_user(uid, gid, append) == 0
-    assert stat.S_IMODE(os.stat(union / "tool").st_mode) == 0o755
-    assert stat.S_IMODE(os.stat(union["up"] / "tool").st_mode) == 0o755
-    assert stat.S_IMODE(os.stat(low).st_mode) == 0o6755
+    assert as_user(uid, gid, change) == 0
+    with open(union / "root", "a") as f:  # root has CAP_FSETID: the bits stay
+        f.write("true\n")
+    after = {"tool": 0o755, "cut": 0o755, "locked": 0o2745, "root": 0o6755}
+    for name, mode in after.items():
+        assert stat.S_IMODE(os.stat(union / name).st_mode) == mode, name
+        assert stat.S_IMODE(os.stat(union["up"] / name).st_mode) == mode, name
+        assert stat.S_IMODE(os.stat(union["low"] / name).st_mode) == modes[name], name
     assert (union / "tool").read_text() == "#!/bin/sh\ntrue\n"
+    assert (union / "cut").read_text() == "#!"
 
 
 def test_new_entries_owned_by_caller_and_setgid_honoured(shared_union, test_user):

@@ -237,6 +237,19 @@ class UnionOperations(pyfuse3.Operations):
         """Write to a node that needs no copy-up."""
         return os.pwrite(self.data.get(node, True), buf, off)
 
+    def kill_suidgid(self, node: Node, st: os.stat_result | None = None) -> os.stat_result:
+        """Drop NODE's set-user-ID bit, and its set-group-ID bit if group-executable, as the
+        kernel does for local files written, truncated or chowned by a caller without
+        CAP_FSETID (with HANDLE_KILLPRIV_V2 it leaves that to us). ST: its attributes if known;
+        returns them as they are afterwards."""
+        if st is None:
+            st = os.fstat(self.data.get(node, True))
+        mode = st.st_mode
+        kill = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
+        if not stat.S_ISREG(mode) or not mode & kill:
+            return st
+        return self.do_setattr(node, mode=mode & ~kill)
+
     async def change_attrs(self, node: Node, changes: dict) -> os.stat_result:
         """Apply attribute CHANGES (see Union.setattr), copying the node up first if due."""
         await self._copy_up(node, changes["size"])

@@ -44,7 +44,8 @@ POLL_MIN = 10e-6
 # yield to other trio tasks (copy-ups, signals) at least this often under a flood of requests
 CHECKPOINT_EVERY = 64
 WANTED = (wire.ASYNC_READ | wire.BIG_WRITES | wire.AUTO_INVAL_DATA | wire.DO_READDIRPLUS
-          | wire.ASYNC_DIO | wire.PARALLEL_DIROPS | wire.MAX_PAGES | wire.CACHE_SYMLINKS)
+          | wire.ASYNC_DIO | wire.PARALLEL_DIROPS | wire.MAX_PAGES | wire.CACHE_SYMLINKS
+          | wire.HANDLE_KILLPRIV_V2)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -377,11 +378,15 @@ class Session:
             else now if valid & wire.FATTR_MTIME_NOW else None,
         }
         node = self.ops._node(nodeid)
+        kill = valid & wire.FATTR_KILL_SUIDGID and not valid & wire.FATTR_MODE
+
+        def answer(unique, st):
+            self._attr_reply(unique, node, self.ops.kill_suidgid(node, st) if kill else st)
+
         if self.union.needs_copy_up(node):
-            self._spawn(unique, wire.SETATTR, nodeid, self.ops.change_attrs(node, changes),
-                        lambda unique, st: self._attr_reply(unique, node, st))
+            self._spawn(unique, wire.SETATTR, nodeid, self.ops.change_attrs(node, changes), answer)
         else:
-            self._attr_reply(unique, node, self.ops.do_setattr(node, **changes))
+            answer(unique, self.ops.do_setattr(node, **changes))
 
     def _readlink(self, unique, nodeid, length):
         self._send(unique, self.ops.do_readlink(nodeid))
@@ -452,18 +457,20 @@ class Session:
         self._send(unique, self.ops.do_read(nodeid, offset, size))
 
     def _write(self, unique, nodeid, length):
-        _, offset, size, _, _, _, _ = wire.WRITE_IN.unpack_from(self._buf, BODY)
+        _, offset, size, flags, _, _, _ = wire.WRITE_IN.unpack_from(self._buf, BODY)
         start = BODY + wire.WRITE_IN.size
         node = self.ops._node(nodeid)
+
+        def answer(unique, count):
+            if flags & wire.WRITE_KILL_SUIDGID:
+                self.ops.kill_suidgid(node)
+            self._send(unique, wire.WRITE_OUT.pack(count, 0))
+
         if self.union.needs_copy_up(node):
             data = bytes(self._view[start:start + size])  # the buffer is reused meanwhile
-            self._spawn(unique, wire.WRITE, nodeid, self.ops.write(nodeid, offset, data),
-                        self._written)
+            self._spawn(unique, wire.WRITE, nodeid, self.ops.write(nodeid, offset, data), answer)
         else:
-            self._written(unique, self.ops.do_write(node, offset, self._view[start:start + size]))
-
-    def _written(self, unique: int, count: int) -> None:
-        self._send(unique, wire.WRITE_OUT.pack(count, 0))
+            answer(unique, self.ops.do_write(node, offset, self._view[start:start + size]))
 
     def _release(self, unique, nodeid, length):
         self._send(unique)  # nothing is kept per open

@@ -7,7 +7,7 @@ sizes are fixed for protocol minor versions >= 23 except where noted.
 import struct
 
 MAJOR = 7
-MINOR = 31  # what we speak; the kernel uses the smaller of its own and ours
+MINOR = 33  # what we speak; the kernel uses the smaller of its own and ours
 OLDEST_MINOR = 21  # readdirplus
 
 # opcodes
@@ -39,10 +39,15 @@ POSIX_ACL = 1 << 20
 MAX_PAGES = 1 << 22
 CACHE_SYMLINKS = 1 << 23
 NO_OPENDIR_SUPPORT = 1 << 24
+HANDLE_KILLPRIV_V2 = 1 << 28
 
 # SETATTR's valid bits
 FATTR_MODE, FATTR_UID, FATTR_GID, FATTR_SIZE = 1, 2, 4, 8
 FATTR_ATIME, FATTR_MTIME, FATTR_ATIME_NOW, FATTR_MTIME_NOW = 16, 32, 128, 256
+FATTR_KILL_SUIDGID = 1 << 11
+# write_flags of WRITE, open_flags of OPEN/CREATE: the writer lacks CAP_FSETID
+WRITE_KILL_SUIDGID = 1 << 2
+OPEN_KILL_SUIDGID = 1 << 0
 # open_flags of a reply to OPEN/CREATE
 FOPEN_KEEP_CACHE = 1 << 1
 FSYNC_FDATASYNC = 1
