@@ -109,7 +109,7 @@ class CopyJob:
     def copy_data(self) -> None:
         """The long part for big files; safe to run in a worker thread."""
         if self._dst is not None:
-            syscalls.copy_data(self._src, self._dst, self.size)
+            syscalls.copy_data(self._src, self._dst, self.size, writeback=self.sync)
             if self.sync:
                 os.fdatasync(self._dst)
 

@@ -14,7 +14,6 @@ The kernel is asked to send no OPEN, OPENDIR and FLUSH (where it can do without 
 file and directory handles are inode numbers, and it caches listings and symlinks.
 """
 
-import ctypes
 import errno
 import logging
 import os
@@ -24,7 +23,7 @@ from functools import partial
 import pyfuse3
 import trio
 
-from unionfs import wire
+from unionfs import syscalls, wire
 from unionfs.wire import (
     ATTR_OUT,
     BODY,
@@ -46,9 +45,6 @@ CHECKPOINT_EVERY = 64
 WANTED = (wire.ASYNC_READ | wire.BIG_WRITES | wire.AUTO_INVAL_DATA | wire.DO_READDIRPLUS
           | wire.ASYNC_DIO | wire.PARALLEL_DIROPS | wire.MAX_PAGES | wire.CACHE_SYMLINKS
           | wire.HANDLE_KILLPRIV_V2)
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
 # where the first name of a request starts (for the debug log)
@@ -482,10 +478,8 @@ class Session:
 
     def _fallocate(self, unique, nodeid, length):
         _, offset, size, mode, _ = wire.FALLOCATE_IN.unpack_from(self._buf, BODY)
-        fd = self.ops.fd_for(nodeid, True)  # (a copy-up here is done in place: rare)
-        if _libc.fallocate(fd, mode, offset, size) != 0:
-            err = ctypes.get_errno() or errno.EIO
-            raise OSError(err, os.strerror(err))
+        # (a copy-up here is done in place: rare)
+        syscalls.fallocate(self.ops.fd_for(nodeid, True), mode, offset, size)
         self._send(unique)
 
     def _lseek(self, unique, nodeid, length):
