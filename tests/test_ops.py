@@ -199,6 +199,34 @@ def test_xattrs_on_the_root(union):
     assert "user.top" not in os.listxattr(union["up"])
 
 
+def test_absent_xattrs_are_remembered_until_something_adds_them(union):
+    """The daemon answers 'no such attribute' from memory once it has read a file's names:
+    every way a name can appear must make it look again."""
+    import subprocess
+
+    for name in ("f", "g", "h"):
+        (union["low"] / name).write_text(name)
+    union.mount()
+    for name in ("f", "g", "h"):
+        with pytest.raises(OSError) as e:
+            os.getxattr(union / name, "user.later")
+        assert e.value.errno == errno.ENODATA
+    os.setxattr(union / "f", "user.later", b"set through the mount")
+    assert os.getxattr(union / "f", "user.later") == b"set through the mount"
+    os.removexattr(union / "f", "user.later")
+    with pytest.raises(OSError):
+        os.getxattr(union / "f", "user.later")
+    with open(union / "g", "a") as f:  # a copy-up (from a lower file that gets the name meanwhile)
+        os.setxattr(union["low"] / "g", "user.later", b"lower")
+        f.write("more")
+    assert os.getxattr(union / "g", "user.later") == b"lower"
+    os.setxattr(union["low"] / "h", "user.later", b"edited directly")
+    assert subprocess.run(["pyunion", "refresh", union.mnt]).returncode == 0
+    assert os.getxattr(union / "h", "user.later") == b"edited directly"
+    assert os.listxattr(union / "h") == ["user.later"]
+    assert "user.later" not in os.listxattr(union["low"] / "f")
+
+
 def test_posix_acls_copied_up_and_enforced(shared_union, test_user):
     import subprocess
     union = shared_union

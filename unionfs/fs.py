@@ -189,12 +189,13 @@ class UnionOperations(pyfuse3.Operations):
             size = min(size, max(os.fstat(fd).st_size - off, 0))
         return os.pread(fd, size, off)
 
-    def do_getxattr(self, inode: int, name: bytes) -> bytes:
+    def do_getxattr(self, inode: int, name: bytes) -> bytes | None:
+        """The value of attribute NAME, or None if there is none."""
         if name == PID_XATTR and inode == ROOT_INO:
             return str(os.getpid()).encode()
         node = self._node(inode)
         fd = self.data.cached(node)
-        if fd is not None and not is_internal_xattr(name) and name != CONTROL_XATTR:
+        if fd is not None and name in self.union.xattr_names(node) and not is_internal_xattr(name):
             # the kernel asks for security.capability before every write: an open fd is
             # much cheaper to ask than a path through /proc
             return os.getxattr(fd, name)
@@ -528,7 +529,10 @@ class UnionOperations(pyfuse3.Operations):
 
     @_handler
     async def getxattr(self, inode, name, ctx):
-        return self.do_getxattr(inode, name)
+        value = self.do_getxattr(inode, name)
+        if value is None:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return value
 
     @_handler
     async def listxattr(self, inode, ctx):

@@ -19,7 +19,7 @@ class Node:
     """An inode of the merged view."""
 
     __slots__ = ("ino", "key", "path", "branch", "is_dir", "lookups", "opens", "layers",
-                 "stop", "parent", "aliases", "handles")
+                 "stop", "parent", "aliases", "handles", "xattrs")
 
     def __init__(self, ino: int, key: Key, path: bytes, branch: int, is_dir: bool):
         self.ino = ino
@@ -36,6 +36,8 @@ class Node:
         self.parent: Node | None = None  # directories only
         self.aliases: set[bytes] | None = None  # other known names of a hard-linked file
         self.handles: list | None = None  # open directory handles (directories only)
+        # names of the extended attributes it has (None: not read yet); see MergedView.getxattr
+        self.xattrs: tuple[bytes, ...] | None = None
 
     @property
     def name(self) -> bytes:

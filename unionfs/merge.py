@@ -27,6 +27,7 @@ from unionfs.whiteout import (
 )
 
 WHITEOUT_LEN = len(whiteout_name(b""))
+NO_XATTRS: tuple[bytes, ...] = ()
 _OPAQUE_XATTR_STRS = tuple(os.fsdecode(x) for x in OPAQUE_XATTRS)
 
 
@@ -355,16 +356,37 @@ class MergedView:
         dfd, name = self._location(node)
         return syscalls.proc_path(dfd, name), False
 
-    def getxattr(self, node: Node, name: bytes) -> bytes:
-        if is_internal_xattr(name) or name == CONTROL_XATTR:
-            raise oserror(errno.ENODATA)
+    def xattr_names(self, node: Node) -> tuple[bytes, ...]:
+        """The names of NODE's extended attributes, read once and then kept.
+
+        The kernel asks for attributes most files do not have on every `ls -l` (SELinux
+        labels) and before every write (file capabilities). Names only appear through us
+        (setxattr, copy-up, new files; the writers reset `node.xattrs`) or by editing a branch
+        directly, which `refresh` covers: so an absent name is answered without a syscall.
+        """
+        names = node.xattrs
+        if names is None:
+            path, follow = self._xattr_path(node)
+            found = os.listxattr(path, follow_symlinks=follow)
+            names = node.xattrs = tuple(map(os.fsencode, found)) if found else NO_XATTRS
+        return names
+
+    def getxattr(self, node: Node, name: bytes) -> bytes | None:
+        """The value of NODE's attribute NAME, or None if it has none."""
+        if is_internal_xattr(name) or name == CONTROL_XATTR or name not in self.xattr_names(node):
+            return None
         path, follow = self._xattr_path(node)
-        return os.getxattr(path, name, follow_symlinks=follow)
+        try:
+            return os.getxattr(path, name, follow_symlinks=follow)
+        except OSError as e:
+            if e.errno != errno.ENODATA:
+                raise
+            node.xattrs = None
+            return None
 
     def listxattr(self, node: Node) -> list[bytes]:
-        path, follow = self._xattr_path(node)
-        names = os.listxattr(path, follow_symlinks=follow)
-        return [n for n in map(os.fsencode, names) if not is_internal_xattr(n)]
+        node.xattrs = None
+        return [n for n in self.xattr_names(node) if not is_internal_xattr(n)]
 
     def statfs(self) -> os.statvfs_result:
         return os.statvfs(self.branches[self.top_rw if self.top_rw is not None else 0].fd)
@@ -390,6 +412,7 @@ class MergedView:
         self.dirs.clear()
         nodes = list(self.table.by_ino.values())
         for n in nodes:
+            n.xattrs = None
             if n.is_dir:
                 n.layers = None
         self._root_layers(self.table.root)

@@ -539,7 +539,10 @@ class Session:
     def _getxattr(self, unique, nodeid, length):
         size, _ = wire.GETXATTR_IN.unpack_from(self._buf, BODY)
         value = self.ops.do_getxattr(nodeid, self._name(BODY + wire.GETXATTR_IN.size, length))
-        self._sized(unique, size, value)
+        if value is None:
+            self._error(unique, errno.ENODATA)
+        else:
+            self._sized(unique, size, value)
 
     def _listxattr(self, unique, nodeid, length):
         size, _ = wire.GETXATTR_IN.unpack_from(self._buf, BODY)

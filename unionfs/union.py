@@ -216,6 +216,7 @@ class Union(MergedView):
                 job.finish()
                 fd = job.detach()
                 node.branch = t
+                node.xattrs = None
                 return fd
             pfd = self.ensure_dir(t, node.parent)
             job.finish()
@@ -226,6 +227,7 @@ class Union(MergedView):
         new = syscalls.lstat_at(pfd, node.name)
         self.origin[(new.st_dev, new.st_ino)] = node.key
         node.branch = t
+        node.xattrs = None
         if job.st.st_nlink > 1 and stat.S_ISREG(job.st.st_mode):
             self._index(t, pfd, node.name, node.key, new, job.st.st_nlink)
         self._link_aliases(node, t, pfd)
@@ -626,6 +628,7 @@ class Union(MergedView):
                 finally:
                     os.close(tfd)
         if uid is not None or gid is not None:
+            node.xattrs = None  # a chown drops file capabilities
             os.chown(name, -1 if uid is None else uid, -1 if gid is None else gid, dir_fd=dfd,
                      follow_symlinks=False)
         if mode is not None:
@@ -648,6 +651,7 @@ class Union(MergedView):
         if node.ino == ROOT_INO and not self.branches[self.layers(node)[0]].writable:
             raise oserror(errno.EROFS)
         path, follow = self._xattr_path(node)
+        node.xattrs = None
         os.setxattr(path, name, value, follow_symlinks=follow)
 
     def removexattr(self, node: Node, name: bytes) -> None:
@@ -658,6 +662,7 @@ class Union(MergedView):
         if node.ino == ROOT_INO and not self.branches[self.layers(node)[0]].writable:
             raise oserror(errno.EROFS)
         path, follow = self._xattr_path(node)
+        node.xattrs = None
         os.removexattr(path, name, follow_symlinks=follow)
 
     def fsyncdir(self, node: Node) -> None:
