@@ -9,6 +9,7 @@ whiteouts hide names in the branches below theirs. Every access goes through dir
 import errno
 import os
 import stat
+import sys
 from dataclasses import dataclass, field
 
 from unionfs import syscalls
@@ -285,7 +286,7 @@ class MergedView:
         """The merged listing of a directory: (name, branch, lstat) of each visible entry."""
         listing: list[tuple[bytes, int, os.stat_result]] = []
         seen: set[bytes] = set()  # names listed, or hidden by a whiteout above
-        fsencode = os.fsencode
+        encoding, errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
         for b in self.layers(node):
             wh = self.branches[b].honours_whiteouts
             pfd = self.dirs.lookup(b, node.path)
@@ -296,7 +297,7 @@ class MergedView:
             try:
                 with os.scandir(fd) as it:
                     for e in it:
-                        name = fsencode(e.name)
+                        name = e.name.encode(encoding, errors)
                         if name in seen:
                             continue
                         if name.startswith(WH_PREFIX):

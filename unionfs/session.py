@@ -513,12 +513,19 @@ class Session:
         taken = []
         used = 0
 
+        (es, ens), (as_, ans) = self._entry_valid, self._attr_valid
+        pack = wire.DIRENTPLUS.pack
+        fixed = wire.DIRENTPLUS.size
+
         def emit(name, node, st, next_id):
             nonlocal used
-            entry = self._entry(node, st) + wire.DIRENT.pack(
-                node.ino, next_id, len(name), (st.st_mode >> 12) & 0o17) + wire.padded(name)
-            if used + len(entry) > size:
+            length = fixed + len(name) + 7 & ~7
+            if used + length > size:
                 return False
+            ino = node.ino
+            entry = pack(ino, 0, es, as_, ens, ans, *self._attr(node, st),
+                         ino, next_id, len(name), (st.st_mode >> 12) & 0o17) \
+                + name + b"\0" * (length - fixed - len(name))
             parts.append(entry)
             used += len(entry)
             if name != b"." and name != b"..":
