@@ -74,3 +74,23 @@ def test_inode_numbers_stable_and_collision_free():
     table.add(Node(other, a, b"y", 0, False))
     table.unref(squatter, 0)
     assert table.ino_for(a) == other
+
+
+def test_inode_numbers_not_reused_while_the_kernel_holds_them():
+    """A filesystem reuses the inode number of a removed file for a new one, and the kernel may
+    still hold the old file (open, or its FORGET still queued behind newer requests): the new
+    file's node must not get the old node's number, or the kernel mixes the two up."""
+    from unionfs.inodes import ROOT_INO, InodeTable, Node
+
+    table = InodeTable(Node(ROOT_INO, (1, 1), b"", 0, True))
+    key = (7, 100)
+    old = Node(table.ino_for(key), key, b"removed", 0, False)
+    table.add(old)
+    old.lookups = 2
+    del table.by_key[key]  # the old file is gone: lookups by key no longer find it
+    new = table.ino_for(key)
+    assert new != old.ino
+    table.add(Node(new, key, b"created", 0, False))
+    assert table.get(old.ino) is old  # the kernel's FORGET for the old one still finds it
+    table.unref(old, 2)
+    assert old.ino not in table.by_ino

@@ -3,6 +3,7 @@
 import ctypes
 import errno
 import os
+import stat
 
 import pytest
 
@@ -161,3 +162,19 @@ def test_rename_replaces_lower_file(union):
     os.rename(union / "a", union / "b")
     assert (union / "b").read_text() == "A"
     assert sorted(os.listdir(union.mnt)) == ["b"]
+
+
+def test_open_file_keeps_its_attributes_when_its_name_is_taken_by_a_directory(union):
+    """fstat of an open, removed file must describe that file, whatever now has its name."""
+    union.mount()
+    with open(union / "x", "w+b") as f:
+        f.write(b"12345")
+        f.flush()
+        os.unlink(union / "x")
+        os.mkdir(union / "x")
+        os.utime(union / "x")  # (changes the new directory's attributes in the kernel too)
+        st = os.fstat(f.fileno())
+        assert stat.S_ISREG(st.st_mode) and st.st_size == 5
+        f.seek(0)
+        assert f.read() == b"12345"
+    assert os.path.isdir(union / "x") and os.path.isdir(union["up"] / "x")

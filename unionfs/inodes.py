@@ -68,18 +68,26 @@ class InodeTable:
         root.lookups = 1
 
     def ino_for(self, key: Key) -> int:
+        """The inode number for a new node of KEY: its hash, unless a node the kernel still
+        holds has that number (a hash collision, or an old file whose number the filesystem
+        gave to a new one: the kernel may still send requests and FORGETs for the old one)."""
         ino = self._assigned.get(key)
-        if ino is not None:
+        if ino is not None and self._free(ino, key):
             return ino
         seed = 0
         while True:
             ino = xxhash.xxh64_intdigest(struct.pack("<QQ", *key), seed) & _MASK
-            other = self.by_ino.get(ino)
-            if ino > ROOT_INO and (other is None or other.key == key):
+            if ino > ROOT_INO and self._free(ino, key):
                 if seed:
                     self._assigned[key] = ino
                 return ino
             seed += 1
+
+    def _free(self, ino: int, key: Key) -> bool:
+        """Whether INO may be given to a new node of KEY: no other file's node has it, and no
+        earlier node of KEY that the kernel still holds."""
+        other = self.by_ino.get(ino)
+        return other is None or (other.key == key and other.lookups <= 0 and other.opens <= 0)
 
     def get(self, ino: int) -> Node:
         return self.by_ino[ino]

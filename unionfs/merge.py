@@ -266,6 +266,9 @@ class MergedView:
             st = syscalls.lstat_at(dfd, name)
         except OSError:
             st = None
+        if st is not None and (node.is_dir != stat.S_ISDIR(st.st_mode)
+                               or not node.is_dir and self._key(st) != node.key):
+            st = None  # its name now holds another file: this one was removed
         if st is None:
             st = self._stat_alias(node)
         return st

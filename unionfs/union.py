@@ -322,6 +322,8 @@ class Union(MergedView):
     def _new_node(self, parent: Node, name: bytes, pfd: int) -> tuple[Node, os.stat_result]:
         st = syscalls.lstat_at(pfd, name)
         key = (st.st_dev, st.st_ino)
+        # a new file: whatever was known of an earlier file with its inode number is stale
+        self.origin.pop(key, None)
         old = self.table.by_key.get(key)
         if old is not None:  # a stale node whose inode number the filesystem reused
             self.table.rekey(old, (-1, old.ino))
