@@ -1,20 +1,33 @@
-"""The same semantics on pyfuse3's own request loop and handlers (-o noextras), which a mount
-falls back to when unionfs/session.py cannot find the /dev/fuse fd it would serve."""
+"""The same semantics where the kernel sends OPEN and OPENDIR: on pyfuse3's own request loop and
+handlers (-o noextras, which a mount falls back to when unionfs/session.py cannot find the
+/dev/fuse fd it would serve), and on the session as kernels before 5.1 drive it (-o opens)."""
 
 import os
 import stat
 
 import pytest
 
+from conftest import pyunion
 
-@pytest.fixture
-def plain(union):
+
+@pytest.fixture(params=["noextras", "opens"])
+def plain(union, request):
     (union["low"] / "d").mkdir()
     (union["low"] / "d" / "f").write_text("lower")
     (union["low"] / "big").write_bytes(os.urandom(2 << 20))
-    union.mount("noextras")
-    assert "pyfuse3's own request loop" in union.log.read_text()
-    return union
+    if request.param == "opens":  # with -d, to see the requests
+        r = pyunion("mount", "-d", "-o", f"logfile={union.log},opens", union.spec, union.mnt)
+        assert r.returncode == 0, r.stderr
+    else:
+        union.mount(request.param)
+    yield union
+    log = union.log.read_text()
+    if request.param == "noextras":
+        assert "pyfuse3's own request loop" in log
+    else:  # the kernel did send them, and the session answered
+        assert "open(" in log
+        if "readdirplus(" in log:
+            assert "opendir(" in log and "releasedir(" in log
 
 
 def test_files_and_copy_up(plain):

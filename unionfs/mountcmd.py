@@ -40,6 +40,7 @@ class MountOptions:
     volatile: bool = False
     extras: bool = True  # unionfs.session (off: pyfuse3's own loop and handlers)
     poll_us: float = 200.0  # the session's longest wait by polling (see Session._poll)
+    opens: bool = False  # have the kernel send OPEN/OPENDIR, as old kernels do (diagnosis)
     logfile: str | None = None
     fsname: str = "pyunion"
     workdir: str | None = None
@@ -84,6 +85,8 @@ def parse_options(items: list[str]) -> MountOptions:
                 o.volatile = True
             elif key == "noextras" and not sep:
                 o.extras = False
+            elif key == "opens" and not sep:
+                o.opens = True
             elif key == "poll" and sep:
                 try:
                     o.poll_us = float(value)
@@ -314,7 +317,7 @@ def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: b
 
         fd = find_device_fd()
         if fd is not None:
-            session = Session(ops, fd, o.writeback, o.poll_us / 1e6)
+            session = Session(ops, fd, o.writeback, o.poll_us / 1e6, o.opens)
         else:
             log.info("no single /dev/fuse fd found: running on pyfuse3's request loop")
 

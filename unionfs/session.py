@@ -97,8 +97,11 @@ def _timeout(seconds: float) -> tuple[int, int]:
 class Session:
     """Serves one mounted union's /dev/fuse fd until it is unmounted or stopped."""
 
-    def __init__(self, ops, fd: int, writeback: bool = False, poll_max: float = POLL_MAX):
+    def __init__(self, ops, fd: int, writeback: bool = False, poll_max: float = POLL_MAX,
+                 opens: bool = False):
+        """OPENS: have the kernel send OPEN and OPENDIR, as kernels before 5.1 do."""
         self.ops = ops
+        self.opens = opens
         self.union = ops.union
         self.fd = fd
         self.debug = ops.debug
@@ -231,6 +234,8 @@ class Session:
     def _fail(self, unique: int, opcode: int, nodeid: int, e: BaseException) -> None:
         if isinstance(e, pyfuse3.FUSEError):
             err = e.errno
+            if self.debug:
+                log.debug("%s inode %d -> %s", wire.NAMES.get(opcode), nodeid, os.strerror(err))
         elif isinstance(e, OSError):
             err = e.errno or errno.EIO
             if self.debug:
@@ -318,8 +323,8 @@ class Session:
             self._error(unique, errno.EPROTO)
             self.stop()
             return
-        self.no_open = bool(flags & wire.NO_OPEN_SUPPORT)
-        self.ops.no_opendir = bool(flags & wire.NO_OPENDIR_SUPPORT)
+        self.no_open = bool(flags & wire.NO_OPEN_SUPPORT) and not self.opens
+        self.ops.no_opendir = bool(flags & wire.NO_OPENDIR_SUPPORT) and not self.opens
         reply = wire.INIT_OUT.pack(wire.MAJOR, wire.MINOR, max_readahead, self.wanted & flags, 0, 0,
                                    MAX_WRITE, 1, MAX_WRITE // 4096, 0)
         if minor < 23:
