@@ -66,6 +66,16 @@ def test_unknown_option(dirs):
     _fails(["mount", "-o", "frobnicate", f"{dirs}/a:{dirs}/b", dirs / "mnt"], dirs, "frobnicate")
 
 
+@pytest.mark.parametrize("option, expect", [
+    ("poll=soon", "poll: not a number"), ("poll=-1", "poll: must be between"),
+    ("timeout=never", "timeout: not a number"), ("attr_timeout=-5", "must not be negative"),
+    ("logfile=", "logfile needs a value"),
+])
+def test_bad_option_values(dirs, option, expect):
+    _fails(["mount", "-o", option, f"{dirs}/a:{dirs}/b", dirs / "mnt"], dirs, expect)
+    assert not is_mounted(dirs / "mnt")
+
+
 def test_wrong_argument_count(dirs):
     _fails(["mount", f"{dirs}/a"], dirs, "usage")
 
