@@ -88,7 +88,7 @@ class UnionOperations(pyfuse3.Operations):
         self._listings: OrderedDict[int, DirHandle] = OrderedDict()
         self.data = DataFds(union)
         self._copy_locks: dict[int, trio.Lock] = {}
-        self._copy_limiter = trio.CapacityLimiter(2)
+        self._blocking = trio.CapacityLimiter(2)  # heavy blocking work: big copy-ups, fsync
         # how the kernel is told to forget entries and inodes (see _refresh): set by a session
         # that speaks the protocol itself; pyfuse3's notifications otherwise
         self.invalidate = None
@@ -143,7 +143,7 @@ class UnionOperations(pyfuse3.Operations):
                     return
                 try:
                     if job.size >= THREAD_COPY_BYTES:
-                        await trio.to_thread.run_sync(job.copy_data, limiter=self._copy_limiter)
+                        await trio.to_thread.run_sync(job.copy_data, limiter=self._blocking)
                     else:
                         job.copy_data()
                 except BaseException:
@@ -398,13 +398,22 @@ class UnionOperations(pyfuse3.Operations):
 
     @_handler
     async def fsync(self, fh, datasync):
-        self.do_fsync(fh, datasync)
+        await self.do_fsync(fh, datasync)
 
-    def do_fsync(self, fh: int, datasync: bool) -> None:
-        node = self._node(fh)
-        fd = self.data.writable(node)
-        if fd is not None:
-            (os.fdatasync if datasync else os.fsync)(fd)
+    async def do_fsync(self, fh: int, datasync: bool) -> None:
+        """Flush a file's data to disk in a worker thread: the mount keeps serving meanwhile."""
+        fd = self.data.writable(self._node(fh))
+        if fd is None:
+            return
+        fd = os.dup(fd)  # the table may close its own fd meanwhile
+
+        def sync():
+            try:
+                (os.fdatasync if datasync else os.fsync)(fd)
+            finally:
+                os.close(fd)
+
+        await trio.to_thread.run_sync(sync, limiter=self._blocking)
 
     @_handler
     async def release(self, fh):

@@ -6,8 +6,10 @@ functions. A request costs a read, a dict lookup, the union's work and a write: 
 of a round through libfuse, ctypes callbacks and pyfuse3's coroutines.
 
 Requests are answered in the loop, in order, except those that may have to wait for a copy-up
-(write and setattr when one is due, link, rename, open, setxattr, removexattr): those run as
-trio tasks, so a big copy-up never holds other requests up. Every request goes through one
+or the disk (write and setattr when a copy-up is due, link, rename, open, setxattr,
+removexattr, fsync): those run as trio tasks, so a big copy-up or an fsync never holds other
+requests up. Between requests that come close together the loop polls instead of sleeping
+(see `_poll`). Every request goes through one
 choke point: OSError and FUSEError become their errno, anything else is logged and answered EIO.
 
 The kernel is asked to send no OPEN, OPENDIR and FLUSH (where it can do without them), so
@@ -478,8 +480,8 @@ class Session:
 
     def _fsync(self, unique, nodeid, length):
         _, flags, _ = wire.FSYNC_IN.unpack_from(self._buf, BODY)
-        self.ops.do_fsync(nodeid, bool(flags & wire.FSYNC_FDATASYNC))
-        self._send(unique)
+        self._spawn(unique, wire.FSYNC, nodeid,
+                    self.ops.do_fsync(nodeid, bool(flags & wire.FSYNC_FDATASYNC)), self._ok)
 
     def _fallocate(self, unique, nodeid, length):
         _, offset, size, mode, _ = wire.FALLOCATE_IN.unpack_from(self._buf, BODY)
