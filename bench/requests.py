@@ -17,7 +17,7 @@ from bench.run import DEFAULT_OUT, BenchError, Parser, _choose, run_command
 from bench.systems import MountError, Pyunion
 from bench.workloads import SCENARIOS_BY_NAME, environment
 
-REQUEST = re.compile(rb"unionfs\.fs: ([a-z_]+)\(")
+REQUEST = re.compile(rb"unionfs\.session: ([a-z_0-9]+)\(")
 SETTLE = 0.3  # seconds for asynchronous requests (release, forget) to arrive after a command
 
 
