@@ -196,8 +196,7 @@ class UnionOperations(pyfuse3.Operations):
         node = self._node(inode)
         fd = self.data.cached(node)
         if fd is not None and name in self.union.xattr_names(node) and not is_internal_xattr(name):
-            # the kernel asks for security.capability before every write: an open fd is
-            # much cheaper to ask than a path through /proc
+            # (an attribute the file has: its open fd is cheaper to ask than a /proc path)
             return os.getxattr(fd, name)
         return self.union.getxattr(node, name)
 
