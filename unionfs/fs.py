@@ -266,6 +266,8 @@ class UnionOperations(pyfuse3.Operations):
             "atime_ns": attr.st_atime_ns if fields.update_atime else None,
             "mtime_ns": attr.st_mtime_ns if fields.update_mtime else None,
         })
+        if fields.update_size:  # (see write)
+            st = self.kill_suidgid(node, st)
         return self._attrs(node, st)
 
     @_handler
@@ -386,8 +388,14 @@ class UnionOperations(pyfuse3.Operations):
     @_handler
     async def write(self, fh, off, buf):
         node = self._node(fh)
-        if self.union.needs_copy_up(node):
-            await self._copy_up(node)
+        count = await self.write_copying(node, off, buf)
+        # libfuse asks for HANDLE_KILLPRIV on pyfuse3's behalf: set-id bits are ours to drop
+        self.kill_suidgid(node)
+        return count
+
+    async def write_copying(self, node: Node, off: int, buf: bytes) -> int:
+        """Write to NODE, copying it up first if due."""
+        await self._copy_up(node)
         return self.do_write(node, off, buf)
 
     async def flush(self, fh):

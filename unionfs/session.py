@@ -471,7 +471,8 @@ class Session:
 
         if self.union.needs_copy_up(node):
             data = bytes(self._view[start:start + size])  # the buffer is reused meanwhile
-            self._spawn(unique, wire.WRITE, nodeid, self.ops.write(nodeid, offset, data), answer)
+            self._spawn(unique, wire.WRITE, nodeid, self.ops.write_copying(node, offset, data),
+                        answer)
         else:
             answer(unique, self.ops.do_write(node, offset, self._view[start:start + size]))
 
