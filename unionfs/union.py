@@ -648,24 +648,23 @@ class Union(MergedView):
     def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
         if is_internal_xattr(name):
             raise oserror(errno.EPERM)
-        self.require_writable()
-        self.copy_up(node)
-        if node.ino == ROOT_INO and not self.branches[self.layers(node)[0]].writable:
-            raise oserror(errno.EROFS)
-        path, follow = self._xattr_path(node)
-        node.xattrs = None
+        path, follow = self._xattrs_to_change(node)
         os.setxattr(path, name, value, follow_symlinks=follow)
 
     def removexattr(self, node: Node, name: bytes) -> None:
         if is_internal_xattr(name):
             raise oserror(errno.ENODATA)
+        path, follow = self._xattrs_to_change(node)
+        os.removexattr(path, name, follow_symlinks=follow)
+
+    def _xattrs_to_change(self, node: Node) -> tuple[bytes, bool]:
+        """NODE copied up for an xattr change, its remembered names dropped: where to change."""
         self.require_writable()
         self.copy_up(node)
         if node.ino == ROOT_INO and not self.branches[self.layers(node)[0]].writable:
             raise oserror(errno.EROFS)
-        path, follow = self._xattr_path(node)
         node.xattrs = None
-        os.removexattr(path, name, follow_symlinks=follow)
+        return self._xattr_path(node)
 
     def fsyncdir(self, node: Node) -> None:
         if node.branch is None or not self.branches[node.branch].writable:
