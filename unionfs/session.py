@@ -75,10 +75,10 @@ def _readlink(path: str) -> str | None:
 class Caller:
     """Who sent a request, for the adapter's handlers (pyfuse3's RequestContext fields)."""
 
-    __slots__ = ("uid", "gid", "pid", "umask")
+    __slots__ = ("uid", "gid", "pid")
 
-    def __init__(self, uid: int, gid: int, pid: int, umask: int = 0):
-        self.uid, self.gid, self.pid, self.umask = uid, gid, pid, umask
+    def __init__(self, uid: int, gid: int, pid: int):
+        self.uid, self.gid, self.pid = uid, gid, pid
 
 
 def _run_now(coro):

@@ -46,9 +46,8 @@ HANDLE_KILLPRIV_V2 = 1 << 28
 FATTR_MODE, FATTR_UID, FATTR_GID, FATTR_SIZE = 1, 2, 4, 8
 FATTR_ATIME, FATTR_MTIME, FATTR_ATIME_NOW, FATTR_MTIME_NOW = 16, 32, 128, 256
 FATTR_KILL_SUIDGID = 1 << 11
-# write_flags of WRITE, open_flags of OPEN/CREATE: the writer lacks CAP_FSETID
+# write_flags of WRITE: the writer lacks CAP_FSETID
 WRITE_KILL_SUIDGID = 1 << 2
-OPEN_KILL_SUIDGID = 1 << 0
 # open_flags of a reply to OPEN/CREATE
 FOPEN_KEEP_CACHE = 1 << 1
 FSYNC_FDATASYNC = 1
@@ -60,8 +59,8 @@ OUT_HEADER = struct.Struct("=IiQ")  # len error unique
 _ATTR = "QQQqqqIIIIIIIIII"
 ENTRY_OUT = struct.Struct("=QQQQII" + _ATTR)  # nodeid generation entry_valid attr_valid (+nsec)
 ATTR_OUT = struct.Struct("=QII" + _ATTR)  # attr_valid attr_valid_nsec dummy
-DIRENT = struct.Struct("=QQII")  # ino off namelen type, then the name padded to 8 bytes
-DIRENTPLUS = struct.Struct(ENTRY_OUT.format + "QQII")  # an entry_out, then a dirent
+# an entry_out, then a dirent (ino off namelen type), then the name padded to 8 bytes
+DIRENTPLUS = struct.Struct(ENTRY_OUT.format + "QQII")
 OPEN_OUT = struct.Struct("=QII")  # fh open_flags padding
 WRITE_OUT = struct.Struct("=II")  # size padding
 XATTR_OUT = struct.Struct("=II")  # size padding
@@ -102,8 +101,3 @@ LSEEK_IN = struct.Struct("=QQII")  # fh offset whence padding
 
 assert ENTRY_OUT.size == 128 and ATTR_OUT.size == 104 and SETATTR_IN.size == 88
 assert INIT_OUT.size == 64 and STATFS_OUT.size == 80 and READ_IN.size == 40
-
-
-def padded(name: bytes) -> bytes:
-    """NAME padded with NULs to the 8-byte alignment of directory entries."""
-    return name + b"\0" * (-len(name) & 7)
