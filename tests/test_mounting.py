@@ -156,3 +156,18 @@ def test_debug_flag_logs_every_request(union):
     for request in ("lookup(1, b'f')", "read(", "create(1, b'g'", "write("):
         assert request in log, request
     assert "<4096 bytes>" in log
+
+
+def test_mount_without_polling(union):
+    """-o poll=0: the session sleeps between every two requests, and serves the same."""
+    (union["low"] / "f").write_text("lower")
+    union.mount("poll=0")
+    with open(union / "f", "a") as f:
+        f.write("+")
+    os.mkdir(union / "d")
+    (union / "d" / "g").write_text("new")
+    assert sorted(os.listdir(union.mnt)) == ["d", "f"]
+    assert (union / "f").read_text() == "lower+"
+    assert (union["up"] / "d" / "g").read_text() == "new"
+    assert (union["low"] / "f").read_text() == "lower"
+    union.umount()
