@@ -67,8 +67,11 @@ def test_unknown_option(dirs):
 
 
 @pytest.mark.parametrize("option, expect", [
-    ("poll=soon", "poll: not a number"), ("poll=-1", "poll: must be between"),
+    ("poll=soon", "poll: not a number"), ("poll=-1", "poll: must not be negative"),
+    ("poll=200000", "poll: must be at most 100000 microseconds"),
     ("timeout=never", "timeout: not a number"), ("attr_timeout=-5", "must not be negative"),
+    ("timeout=inf", "timeout: not a number"), ("entry_timeout=nan", "not a number"),
+    ("negative_timeout=1e30", "must be at most"),
     ("logfile=", "logfile needs a value"),
 ])
 def test_bad_option_values(dirs, option, expect):

@@ -3,6 +3,7 @@
 import errno
 import logging
 import logging.handlers
+import math
 import os
 import re
 import shutil
@@ -51,13 +52,22 @@ class MountOptions:
     unknown: list[str] = field(default_factory=list)
 
 
-def _seconds(key: str, value: str) -> float:
+MAX_TIMEOUT = 2**32 - 1  # seconds: what the kernel's entry and attribute timeouts hold
+MAX_POLL_US = 100_000
+
+
+def _number(key: str, value: str, unit: str, maximum: float) -> float:
+    """An option's value: a number of UNIT from 0 to MAXIMUM, else a clear UsageError."""
     try:
         v = float(value)
     except ValueError:
-        raise UsageError(f"option {key}: not a number of seconds: {value!r}") from None
+        v = math.nan
+    if not math.isfinite(v):
+        raise UsageError(f"option {key}: not a number of {unit}: {value!r}")
     if v < 0:
         raise UsageError(f"option {key}: must not be negative")
+    if v > maximum:
+        raise UsageError(f"option {key}: must be at most {maximum:g} {unit}")
     return v
 
 
@@ -76,9 +86,10 @@ def parse_options(items: list[str]) -> MountOptions:
             elif key == "nodefault_permissions" and not sep:
                 o.default_permissions = False
             elif key == "timeout" and sep:
-                o.entry_timeout = o.attr_timeout = o.negative_timeout = _seconds(key, value)
+                o.entry_timeout = o.attr_timeout = o.negative_timeout = \
+                    _number(key, value, "seconds", MAX_TIMEOUT)
             elif key in ("entry_timeout", "attr_timeout", "negative_timeout") and sep:
-                setattr(o, key, _seconds(key, value))
+                setattr(o, key, _number(key, value, "seconds", MAX_TIMEOUT))
             elif key in ("writeback", "nowriteback") and not sep:
                 o.writeback = key == "writeback"
             elif key == "volatile" and not sep:
@@ -88,12 +99,7 @@ def parse_options(items: list[str]) -> MountOptions:
             elif key == "opens" and not sep:
                 o.opens = True
             elif key == "poll" and sep:
-                try:
-                    o.poll_us = float(value)
-                except ValueError:
-                    raise UsageError(f"option poll: not a number of microseconds: {value!r}") from None
-                if not 0 <= o.poll_us <= 100_000:
-                    raise UsageError("option poll: must be between 0 and 100000 microseconds")
+                o.poll_us = _number(key, value, "microseconds", MAX_POLL_US)
             elif key in ("logfile", "fsname", "workdir", "lowerdir", "upperdir") and sep:
                 if not value:
                     raise UsageError(f"option {key} needs a value")
