@@ -1,5 +1,6 @@
 """Copy-up: a change to a lower entry copies it to the writable branch with everything kept."""
 
+import errno
 import os
 import stat
 
@@ -192,3 +193,20 @@ def test_write_to_an_open_lower_file_after_its_name_went(union):
     union.umount()
     assert not any(p.is_file() for p in (union["up"] / ".wh..wh.pyunion").rglob("*")), \
         "a copy-up left its work file behind"
+
+
+def test_xattrs_of_an_open_file_whose_name_went(union):
+    """fgetxattr/flistxattr on an open file answer from the file itself after an unlink."""
+    low = _lower_file(union, "f", b"data")
+    os.setxattr(low, "user.kept", b"yes")
+    union.mount()
+    with open(union / "f", "r+b") as f:
+        f.write(b"D")  # copied up: the data now lives in the writable branch
+        f.flush()
+        os.unlink(union / "f")
+        assert os.getxattr(f.fileno(), "user.kept") == b"yes"
+        assert os.listxattr(f.fileno()) == ["user.kept"]
+        with pytest.raises(OSError) as e:
+            os.getxattr(f.fileno(), "user.absent")
+        assert e.value.errno == errno.ENODATA
+    assert os.getxattr(low, "user.kept") == b"yes"

@@ -17,7 +17,7 @@ import trio
 from unionfs.datafds import DataFds
 from unionfs.inodes import ROOT_INO, Node
 from unionfs.union import DirHandle, Union
-from unionfs.whiteout import CONTROL_XATTR, is_internal_xattr
+from unionfs.whiteout import CONTROL_XATTR
 
 log = logging.getLogger(__name__)
 
@@ -194,11 +194,7 @@ class UnionOperations(pyfuse3.Operations):
         if name == PID_XATTR and inode == ROOT_INO:
             return str(os.getpid()).encode()
         node = self._node(inode)
-        fd = self.data.cached(node)
-        if fd is not None and name in self.union.xattr_names(node) and not is_internal_xattr(name):
-            # (an attribute the file has: its open fd is cheaper to ask than a /proc path)
-            return os.getxattr(fd, name)
-        return self.union.getxattr(node, name)
+        return self.union.getxattr(node, name, self.data.cached(node))
 
     @_handler
     async def lookup(self, parent_inode, name, ctx=None):
@@ -555,7 +551,8 @@ class UnionOperations(pyfuse3.Operations):
         return self.do_listxattr(inode)
 
     def do_listxattr(self, inode: int) -> list[bytes]:
-        return self.union.listxattr(self._node(inode))
+        node = self._node(inode)
+        return self.union.listxattr(node, self.data.cached(node))
 
     @_handler
     async def setxattr(self, inode, name, value, ctx):

@@ -360,27 +360,34 @@ class MergedView:
         dfd, name = self._location(node)
         return syscalls.proc_path(dfd, name), False
 
-    def xattr_names(self, node: Node) -> tuple[bytes, ...]:
+    def xattr_names(self, node: Node, fd: int | None = None) -> tuple[bytes, ...]:
         """The names of NODE's extended attributes, read once and then kept.
 
         The kernel asks for attributes most files do not have on every `ls -l` (SELinux
         labels) and before every write (file capabilities). Names only appear through us
         (setxattr, copy-up, new files; the writers reset `node.xattrs`) or by editing a branch
         directly, which `refresh` covers: so an absent name is answered without a syscall.
+        FD: an open fd of the file's data, if there is one (cheaper than a /proc path, and
+        still there when its name is gone).
         """
         names = node.xattrs
         if names is None:
-            path, follow = self._xattr_path(node)
-            found = os.listxattr(path, follow_symlinks=follow)
+            if fd is not None:
+                found = os.listxattr(fd)
+            else:
+                path, follow = self._xattr_path(node)
+                found = os.listxattr(path, follow_symlinks=follow)
             names = node.xattrs = tuple(map(os.fsencode, found)) if found else NO_XATTRS
         return names
 
-    def getxattr(self, node: Node, name: bytes) -> bytes | None:
-        """The value of NODE's attribute NAME, or None if it has none."""
-        if is_internal_xattr(name) or name == CONTROL_XATTR or name not in self.xattr_names(node):
+    def getxattr(self, node: Node, name: bytes, fd: int | None = None) -> bytes | None:
+        """The value of NODE's attribute NAME, or None if it has none (FD: see xattr_names)."""
+        if is_internal_xattr(name) or name == CONTROL_XATTR or name not in self.xattr_names(node, fd):
             return None
-        path, follow = self._xattr_path(node)
         try:
+            if fd is not None:
+                return os.getxattr(fd, name)
+            path, follow = self._xattr_path(node)
             return os.getxattr(path, name, follow_symlinks=follow)
         except OSError as e:
             if e.errno != errno.ENODATA:
@@ -388,9 +395,9 @@ class MergedView:
             node.xattrs = None
             return None
 
-    def listxattr(self, node: Node) -> list[bytes]:
+    def listxattr(self, node: Node, fd: int | None = None) -> list[bytes]:
         node.xattrs = None
-        return [n for n in self.xattr_names(node) if not is_internal_xattr(n)]
+        return [n for n in self.xattr_names(node, fd) if not is_internal_xattr(n)]
 
     def statfs(self) -> os.statvfs_result:
         return os.statvfs(self.branches[self.top_rw if self.top_rw is not None else 0].fd)
