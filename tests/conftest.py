@@ -77,9 +77,10 @@ class UnionMount:
     def spec(self) -> str:
         return ":".join(f"{self.base / n}={m}" for n, m in self.branches)
 
-    def mount(self, *extra_opts):
+    def mount(self, *extra_opts, debug=False):
+        """Mount with the union's options and EXTRA_OPTS; DEBUG logs every request."""
         opts = ",".join([f"logfile={self.log}", *self.options, *extra_opts])
-        r = pyunion("mount", "-o", opts, self.spec, self.mnt)
+        r = pyunion("mount", *(["-d"] if debug else []), "-o", opts, self.spec, self.mnt)
         assert r.returncode == 0, r.stderr
         assert is_mounted(self.mnt)
         return self
@@ -92,6 +93,11 @@ class UnionMount:
     def remount(self):
         self.umount()
         return self.mount()
+
+    def requests(self) -> list[str]:
+        """Names of the requests served so far (mounted with debug=True), in order."""
+        found = re.findall(r"unionfs\.session: ([a-z_0-9]+)\(", self.log.read_text())
+        return found
 
     def daemon_pid(self) -> int:
         return int(os.getxattr(self.mnt, "pyunion.pid"))

@@ -73,6 +73,8 @@ def test_unknown_option(dirs):
     ("timeout=inf", "timeout: not a number"), ("entry_timeout=nan", "not a number"),
     ("negative_timeout=1e30", "must be at most"),
     ("logfile=", "logfile needs a value"),
+    ("readdirplus=sometimes", "readdirplus: 'always' or 'auto'"),
+    ("readdirplus=auto,noextras", "readdirplus=auto needs pyunion's own session"),
 ])
 def test_bad_option_values(dirs, option, expect):
     _fails(["mount", "-o", option, f"{dirs}/a:{dirs}/b", dirs / "mnt"], dirs, expect)

@@ -177,6 +177,50 @@ def test_lower_branches_never_modified(union):
     assert tree(union["low"]) == before
 
 
+def test_names_only_listings(make_union):
+    """readdirplus=auto: long listings go out as plain READDIR (names, types, inode numbers),
+    merged exactly like the full ones, with the inode numbers stat() gives."""
+    u = make_union(("up", "rw"), ("mid", "ro+wh"), ("low", "ro+wh"), options=["readdirplus=auto"])
+    d = "d"
+    for n in ("up", "mid", "low"):
+        (u[n] / d).mkdir()
+    expected = set()
+    for i in range(1500):  # several listing requests' worth, spread over the three branches
+        (u[("up", "mid", "low")[i % 3]] / d / f"file-{i:04}").write_text(str(i))
+        expected.add(f"file-{i:04}")
+    for i in range(0, 1500, 7):  # every branch also holds names that upper ones hide
+        (u["low"] / d / f"file-{i:04}").write_text("hidden by an upper copy")
+    (u["mid"] / d / ".wh.gone").write_text("")
+    (u["low"] / d / "gone").write_text("whited out")
+    os.mknod(u["mid"] / d / "gone-too", stat.S_IFCHR | 0o600, 0)
+    (u["low"] / d / "gone-too").write_text("whited out by an overlayfs whiteout")
+    (u["low"] / d / "sub").mkdir()
+    os.symlink("file-0000", u["mid"] / d / "link")
+    os.mknod(u["low"] / d / "fifo", stat.S_IFIFO | 0o600)
+    expected |= {"sub", "link", "fifo"}
+    before = {n: os.listdir(u[n] / d) for n in ("mid", "low")}
+    u.mount(debug=True)
+    (u / d / "file-0001").write_text("copied up")  # a lower file, now in the top branch
+
+    def check():
+        entries = list(os.scandir(u / d))
+        assert sorted(e.name for e in entries) == sorted(expected)
+        for e in entries:
+            st = os.lstat(e.path)
+            assert e.inode() == st.st_ino, e.name
+            assert (e.is_dir(follow_symlinks=False), e.is_symlink(), e.is_file(follow_symlinks=False)) \
+                == (stat.S_ISDIR(st.st_mode), stat.S_ISLNK(st.st_mode), stat.S_ISREG(st.st_mode)), e.name
+
+    check()
+    with open("/proc/sys/vm/drop_caches", "w") as f:  # list again, from the daemon
+        f.write("2")
+    check()
+    assert u.requests().count("readdir") >= 2, "the plain listing was not used"
+    assert (u / d / "file-0001").read_text() == "copied up"
+    assert (u["up"] / d / "file-0001").read_text() == "copied up"
+    assert {n: os.listdir(u[n] / d) for n in ("mid", "low")} == before
+
+
 def test_interleaved_listings_of_one_directory(union):
     for i in range(3000):
         (union["low" if i % 2 else "up"] / f"entry-with-a-long-name-{i:05}").write_text("")

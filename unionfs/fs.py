@@ -16,6 +16,7 @@ import trio
 
 from unionfs.datafds import DataFds
 from unionfs.inodes import ROOT_INO, Node
+from unionfs.merge import DT_DIR
 from unionfs.union import DirHandle, Union
 from unionfs.whiteout import CONTROL_XATTR
 
@@ -478,38 +479,68 @@ class UnionOperations(pyfuse3.Operations):
         self.do_readdir(fh, start_id, emit)
 
     def do_readdir(self, fh: int, start_id: int, emit) -> None:
-        """List directory FH (its inode without OPENDIR) from START_ID on.
+        """List directory FH (its inode without OPENDIR) from START_ID on, with attributes.
 
         EMIT(name, node, attributes, next_id) answers whether the entry still fitted; each one
         that did, but "." and "..", is a new reference of the kernel's.
         """
-        if self.no_opendir:  # fh is the directory's inode
-            handle, serial, start = self._listing(fh, start_id)
-        else:
-            handle, serial, start = self._dir_handles[fh], 0, start_id
+        handle, base, start = self._listing_at(fh, start_id)
         node = handle.node
         union = self.union
-        if handle.entries is None or (start == 0 and handle.done):
-            handle.entries = union.listdir(node)
-            handle.removed.clear()
-            handle.done = False
         entries = handle.entries
-        base = serial << 32
         for i in range(start, len(entries) + 2):
             if i < 2:  # "." and "..": the kernel takes no reference for these
                 dot = node if i == 0 else (node.parent or node)
                 if not emit(b"." if i == 0 else b"..", dot, union.stat(dot), base + i + 1):
                     return
                 continue
-            name, b, st = entries[i - 2]
+            name, b, _, _ = entries[i - 2]
             if name in handle.removed:
                 continue
-            child, st = union.entry_attrs(node, name, b, st)
+            found = union.entry_attrs(node, name, b)
+            if found is None:
+                continue
+            child, st = found
             if not emit(name, child, st, base + i + 1):
                 union.table.drop_if_unused(child)
                 return
             child.lookups += 1
         handle.done = True
+
+    def do_readdir_names(self, fh: int, start_id: int, emit) -> None:
+        """List directory FH from START_ID on, names only (no attributes, no references).
+
+        EMIT(name, ino, d_type, next_id) answers whether the entry still fitted.
+        """
+        handle, base, start = self._listing_at(fh, start_id)
+        node = handle.node
+        entries = handle.entries
+        listed_ino = self.union.listed_ino
+        for i in range(start, len(entries) + 2):
+            if i < 2:
+                dot = node if i == 0 else (node.parent or node)
+                if not emit(b"." if i == 0 else b"..", dot.ino, DT_DIR, base + i + 1):
+                    return
+                continue
+            name, _, key, kind = entries[i - 2]
+            if name in handle.removed:
+                continue
+            if not emit(name, listed_ino(key), kind, base + i + 1):
+                return
+        handle.done = True
+
+    def _listing_at(self, fh: int, start_id: int) -> tuple[DirHandle, int, int]:
+        """The listing FH reads from START_ID, taken afresh when it starts again from the top:
+        (listing, base of its offsets, index of the first entry)."""
+        if self.no_opendir:  # fh is the directory's inode
+            handle, serial, start = self._listing(fh, start_id)
+        else:
+            handle, serial, start = self._dir_handles[fh], 0, start_id
+        if handle.entries is None or (start == 0 and handle.done):
+            handle.entries = self.union.listdir(handle.node)
+            handle.removed.clear()
+            handle.done = False
+        return handle, serial << 32, start
 
     @_handler
     async def releasedir(self, fh):

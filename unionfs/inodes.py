@@ -11,6 +11,8 @@ import xxhash
 
 ROOT_INO = 1
 _MASK = (1 << 63) - 1
+_PACK = struct.Struct("<QQ").pack
+_hash = xxhash.xxh64_intdigest
 
 Key = tuple[int, int]  # (st_dev, st_ino) of an entry's origin
 
@@ -76,12 +78,23 @@ class InodeTable:
             return ino
         seed = 0
         while True:
-            ino = xxhash.xxh64_intdigest(struct.pack("<QQ", *key), seed) & _MASK
+            ino = _hash(_PACK(*key), seed) & _MASK
             if ino > ROOT_INO and self._free(ino, key):
                 if seed:
                     self._assigned[key] = ino
                 return ino
             seed += 1
+
+    def ino_of(self, key: Key) -> int:
+        """The inode number a node of KEY has, or would most likely get (for listings, which
+        create no nodes): the number a later lookup gives but after a hash collision."""
+        node = self.by_key.get(key)
+        if node is not None:
+            return node.ino
+        ino = self._assigned.get(key)
+        if ino is None:
+            ino = _hash(_PACK(*key), 0) & _MASK
+        return ino if ino > ROOT_INO else self.ino_for(key)
 
     def _free(self, ino: int, key: Key) -> bool:
         """Whether INO may be given to a new node of KEY: no other file's node has it, and no

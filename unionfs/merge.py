@@ -28,6 +28,8 @@ from unionfs.whiteout import (
 )
 
 WHITEOUT_LEN = len(whiteout_name(b""))
+DT_DIR, DT_REG, DT_LNK = stat.S_IFDIR >> 12, stat.S_IFREG >> 12, stat.S_IFLNK >> 12
+Listed = tuple[bytes, int, Key, int]  # a listed entry: name, branch, key, d_type (see listdir)
 NO_XATTRS: tuple[bytes, ...] = ()
 _OPAQUE_XATTR_STRS = tuple(os.fsdecode(x) for x in OPAQUE_XATTRS)
 
@@ -60,7 +62,7 @@ class DirHandle:
 
     def __init__(self, node: Node):
         self.node = node
-        self.entries: list[tuple[bytes, int, os.stat_result]] | None = None
+        self.entries: list[Listed] | None = None
         self.removed: set[bytes] = set()
         self.done = False
 
@@ -285,9 +287,15 @@ class MergedView:
                 return st
         raise oserror(errno.ENOENT, node.path)
 
-    def listdir(self, node: Node) -> list[tuple[bytes, int, os.stat_result]]:
-        """The merged listing of a directory: (name, branch, lstat) of each visible entry."""
-        listing: list[tuple[bytes, int, os.stat_result]] = []
+    def listdir(self, node: Node) -> list[Listed]:
+        """The merged listing of a directory: (name, branch, key, d_type) of each visible entry.
+
+        Only names and types are read (no stat but of devices, to find overlayfs whiteouts), so
+        a plain listing costs no syscall per entry; `entry_attrs` stats an entry when asked.
+        The key is (device of the directory, d_ino): the entry's own key unless it is a mount
+        point or the branch is on a filesystem whose d_ino differs from st_ino.
+        """
+        listing: list[Listed] = []
         seen: set[bytes] = set()  # names listed, or hidden by a whiteout above
         encoding, errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
         for b in self.layers(node):
@@ -298,6 +306,7 @@ class MergedView:
             fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
             hides = []  # whiteouts here hide names in the branches below, not in this one
             try:
+                dev = os.fstat(fd).st_dev
                 with os.scandir(fd) as it:
                     for e in it:
                         name = e.name.encode(encoding, errors)
@@ -309,24 +318,44 @@ class MergedView:
                                 if h is not None:
                                     hides.append(h)
                             continue
-                        try:
-                            st = e.stat(follow_symlinks=False)
-                        except FileNotFoundError:
-                            continue
-                        if wh and st.st_rdev == 0 and stat.S_ISCHR(st.st_mode):
-                            hides.append(name)  # an overlayfs whiteout
-                            continue
+                        if e.is_dir(follow_symlinks=False):
+                            kind = DT_DIR
+                        elif e.is_file(follow_symlinks=False):
+                            kind = DT_REG
+                        elif e.is_symlink():
+                            kind = DT_LNK
+                        else:
+                            try:
+                                st = e.stat(follow_symlinks=False)
+                            except FileNotFoundError:
+                                continue
+                            if wh and st.st_rdev == 0 and stat.S_ISCHR(st.st_mode):
+                                hides.append(name)  # an overlayfs whiteout
+                                continue
+                            kind = stat.S_IFMT(st.st_mode) >> 12
                         seen.add(name)
-                        listing.append((name, b, st))
+                        listing.append((name, b, (dev, e.inode()), kind))
             finally:
                 os.close(fd)
             seen.update(hides)
         return listing
 
-    def entry_attrs(self, parent: Node, name: bytes, b: int, st: os.stat_result) -> tuple[Node, os.stat_result]:
-        """Node and attributes for a listed entry (as a lookup would give, without probing)."""
-        if self._has_copy_elsewhere(b, st):
-            return self.lookup(parent, name)
+    def listed_ino(self, key: Key) -> int:
+        """The inode number of a listed entry of KEY (see listdir), as a lookup would give."""
+        return self.table.ino_of(self.origin.get(key, key))
+
+    def entry_attrs(self, parent: Node, name: bytes, b: int) -> tuple[Node, os.stat_result] | None:
+        """Node and attributes for an entry listed in branch B (as a lookup would give, without
+        probing); None if it is gone."""
+        d = self.dirs.lookup(b, parent.path)
+        st = syscalls.lstat_at(d, name) if d is not None else None
+        if st is None or self._has_copy_elsewhere(b, st):  # changed meanwhile, or hard-linked
+            try:
+                return self.lookup(parent, name)
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    return None
+                raise
         k = (st.st_dev, st.st_ino)
         key = self.origin.get(k, k)
         node = self.table.by_key.get(key)

@@ -42,6 +42,7 @@ class MountOptions:
     extras: bool = True  # unionfs.session (off: pyfuse3's own loop and handlers)
     poll_us: float = 200.0  # the session's longest wait by polling (see Session._poll)
     opens: bool = False  # have the kernel send OPEN/OPENDIR, as old kernels do (diagnosis)
+    plus_auto: bool = False  # readdirplus=auto: attributes with listings only when they are used
     logfile: str | None = None
     fsname: str = "pyunion"
     workdir: str | None = None
@@ -98,6 +99,10 @@ def parse_options(items: list[str]) -> MountOptions:
                 o.extras = False
             elif key == "opens" and not sep:
                 o.opens = True
+            elif key == "readdirplus" and sep:
+                if value not in ("always", "auto"):
+                    raise UsageError(f"option readdirplus: 'always' or 'auto', not {value!r}")
+                o.plus_auto = value == "auto"
             elif key == "poll" and sep:
                 o.poll_us = _number(key, value, "microseconds", MAX_POLL_US)
             elif key in ("logfile", "fsname", "workdir", "lowerdir", "upperdir") and sep:
@@ -110,6 +115,8 @@ def parse_options(items: list[str]) -> MountOptions:
                 pass
             else:
                 o.unknown.append(opt)
+    if o.plus_auto and not o.extras:
+        raise UsageError("option readdirplus=auto needs pyunion's own session: drop noextras")
     return o
 
 
@@ -323,7 +330,7 @@ def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: b
 
         fd = find_device_fd()
         if fd is not None:
-            session = Session(ops, fd, o.writeback, o.poll_us / 1e6, o.opens)
+            session = Session(ops, fd, o.writeback, o.poll_us / 1e6, o.opens, o.plus_auto)
         else:
             log.info("no single /dev/fuse fd found: running on pyfuse3's request loop")
 

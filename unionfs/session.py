@@ -100,8 +100,11 @@ class Session:
     """Serves one mounted union's /dev/fuse fd until it is unmounted or stopped."""
 
     def __init__(self, ops, fd: int, writeback: bool = False, poll_max: float = POLL_MAX,
-                 opens: bool = False):
-        """OPENS: have the kernel send OPEN and OPENDIR, as kernels before 5.1 do."""
+                 opens: bool = False, plus_auto: bool = False):
+        """OPENS: have the kernel send OPEN and OPENDIR, as kernels before 5.1 do.
+        PLUS_AUTO: let the kernel list with plain READDIR (names only, no attributes, no
+        inodes made) where nobody has looked up or stat()ed an entry of the directory since
+        its last listing request (the kernel's readdirplus=auto rule)."""
         self.ops = ops
         self.opens = opens
         self.union = ops.union
@@ -109,7 +112,8 @@ class Session:
         self.debug = ops.debug
         self.wanted = WANTED | (wire.WRITEBACK_CACHE if writeback else 0) \
             | (wire.EXPORT_SUPPORT if ops.supports_dot_lookup else 0) \
-            | (wire.POSIX_ACL if ops.enable_acl else 0)
+            | (wire.POSIX_ACL if ops.enable_acl else 0) \
+            | (wire.READDIRPLUS_AUTO if plus_auto else 0)
         self.no_open = False
         self._buf = bytearray(BUFFER_SIZE)
         self._view = memoryview(self._buf)
@@ -136,7 +140,7 @@ class Session:
             wire.SETXATTR: self._setxattr, wire.GETXATTR: self._getxattr,
             wire.LISTXATTR: self._listxattr, wire.REMOVEXATTR: self._removexattr,
             wire.FLUSH: self._unsupported, wire.OPENDIR: self._opendir,
-            wire.READDIRPLUS: self._readdirplus, wire.RELEASEDIR: self._releasedir,
+            wire.READDIR: self._readdir, wire.READDIRPLUS: self._readdirplus, wire.RELEASEDIR: self._releasedir,
             wire.FSYNCDIR: self._fsyncdir, wire.ACCESS: self._access, wire.CREATE: self._create,
             wire.INTERRUPT: self._interrupt, wire.FALLOCATE: self._fallocate,
             wire.LSEEK: self._lseek,
@@ -514,6 +518,26 @@ class Session:
         fh = wire.READ_IN.unpack_from(self._buf, BODY)[0]
         _run_now(self.ops.releasedir(fh))
         self._send(unique)
+
+    def _readdir(self, unique, nodeid, length):
+        fh, offset, size, _, _, _, _ = wire.READ_IN.unpack_from(self._buf, BODY)
+        parts = []
+        used = 0
+        pack = wire.DIRENT.pack
+        fixed = wire.DIRENT.size
+
+        def emit(name, ino, kind, next_id):
+            nonlocal used
+            length = fixed + len(name) + 7 & ~7
+            if used + length > size:
+                return False
+            parts.append(pack(ino, next_id, len(name), kind))
+            parts.append(name + b"\0" * (length - fixed - len(name)))
+            used += length
+            return True
+
+        self.ops.do_readdir_names(nodeid if self.ops.no_opendir else fh, offset, emit)
+        self._send(unique, b"".join(parts))
 
     def _readdirplus(self, unique, nodeid, length):
         fh, offset, size, _, _, _, _ = wire.READ_IN.unpack_from(self._buf, BODY)

@@ -15,7 +15,7 @@ from unionfs.branches import BranchSpec
 from unionfs.copyup import CopyJob, temp_name
 from unionfs.inodes import ROOT_INO, Key, Node, join
 from unionfs.layers import remove_tree_at
-from unionfs.merge import DirHandle, MergedView, Probe, oserror
+from unionfs.merge import DT_DIR, DirHandle, MergedView, Probe, oserror
 from unionfs.whiteout import OPAQUE, is_internal_xattr, whiteout_name
 
 log = logging.getLogger(__name__)
@@ -285,8 +285,8 @@ class Union(MergedView):
     def _copy_up_tree(self, node: Node, t: int, top: bool = True) -> None:
         """Copy a whole merged directory into branch T, so it can move as one directory."""
         self.ensure_dir(t, node)
-        for name, b, st in self.listdir(node):
-            if b == t and not stat.S_ISDIR(st.st_mode):
+        for name, b, _, kind in self.listdir(node):
+            if b == t and kind != DT_DIR:
                 continue
             p = self.probe(node, name)
             if not p.entries:

@@ -32,6 +32,7 @@ EXPORT_SUPPORT = 1 << 4
 BIG_WRITES = 1 << 5
 AUTO_INVAL_DATA = 1 << 12
 DO_READDIRPLUS = 1 << 13
+READDIRPLUS_AUTO = 1 << 14
 ASYNC_DIO = 1 << 15
 WRITEBACK_CACHE = 1 << 16
 NO_OPEN_SUPPORT = 1 << 17
@@ -59,6 +60,7 @@ OUT_HEADER = struct.Struct("=IiQ")  # len error unique
 _ATTR = "QQQqqqIIIIIIIIII"
 ENTRY_OUT = struct.Struct("=QQQQII" + _ATTR)  # nodeid generation entry_valid attr_valid (+nsec)
 ATTR_OUT = struct.Struct("=QII" + _ATTR)  # attr_valid attr_valid_nsec dummy
+DIRENT = struct.Struct("=QQII")  # ino off namelen type; then the name padded to 8 bytes
 # an entry_out, then a dirent (ino off namelen type), then the name padded to 8 bytes
 DIRENTPLUS = struct.Struct(ENTRY_OUT.format + "QQII")
 OPEN_OUT = struct.Struct("=QII")  # fh open_flags padding
