@@ -239,6 +239,8 @@ def results_markdown(data: dict, systems: list[str], chart_name: str | None) -> 
         f"- fuse-overlayfs {m['fuse-overlayfs']}, unionfs-fuse {m['unionfs-fuse']} (Debian packages); "
         f"pyunion at commit {m['pyunion_commit']}",
     ]
+    if "scratch" in data:
+        lines.append(f"- writable layers on: {data['scratch']}")
     if "load_average" in data:
         lines.append(f"- 1-minute load average before / after the run: {data['load_average'][0]} / "
                      f"{data['load_average'][1]} (anything else running on the machine adds noise)")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bench.layers import PROFILES, LayerError, ensure_layers
 from bench.run import DEFAULT_OUT, BenchError, Parser, _choose, run_command
+from bench.scratch import Scratch
 from bench.systems import MountError, Pyunion
 from bench.workloads import SCENARIOS_BY_NAME, environment
 
@@ -44,31 +45,34 @@ def main(argv: list[str] | None = None) -> int:
         names = _choose(args.workloads, SCENARIOS_BY_NAME, "workload")
         out = args.out.resolve()
         layers = ensure_layers(out, PROFILES[args.profile], log=lambda m: print(m, file=sys.stderr))
-        scratch = out / "scratch"
-        scratch.mkdir(parents=True, exist_ok=True)
         system = DebugPyunion()
-        for name in names:
-            scenario = SCENARIOS_BY_NAME[name]
-            mounted = system.mount(layers, scratch, scenario.private, scenario.writes)
-            try:
-                env = environment(mounted.path, layers)
-                for step in scenario.steps:
-                    time.sleep(SETTLE)
-                    _, start = count_requests(mounted.log, 0)
-                    _, problem = run_command(step.command, env)
-                    time.sleep(SETTLE)
-                    counts, _ = count_requests(mounted.log, start)
-                    if problem:
-                        print(f"{step.name}: failed: {problem}")
-                    elif step.timed:
-                        ops = ", ".join(f"{op} {n}" for op, n in counts.most_common())
-                        print(f"{step.name}: {sum(counts.values())} requests: {ops}", flush=True)
-            finally:
-                system.unmount(mounted)
+        with Scratch(out, lambda m: print(m, file=sys.stderr)) as scratch:
+            _count_each(names, system, layers, scratch)
     except (BenchError, LayerError, MountError) as e:
         print(f"bench.requests: {e}", file=sys.stderr)
         return 2 if isinstance(e, BenchError) else 1
     return 0
+
+
+def _count_each(names, system, layers, scratch) -> None:
+    for name in names:
+        scenario = SCENARIOS_BY_NAME[name]
+        mounted = system.mount(layers, scratch, scenario.private, scenario.writes)
+        try:
+            env = environment(mounted.path, layers)
+            for step in scenario.steps:
+                time.sleep(SETTLE)
+                _, start = count_requests(mounted.log, 0)
+                _, problem = run_command(step.command, env)
+                time.sleep(SETTLE)
+                counts, _ = count_requests(mounted.log, start)
+                if problem:
+                    print(f"{step.name}: failed: {problem}")
+                elif step.timed:
+                    ops = ", ".join(f"{op} {n}" for op, n in counts.most_common())
+                    print(f"{step.name}: {sum(counts.values())} requests: {ops}", flush=True)
+        finally:
+            system.unmount(mounted)
 
 
 if __name__ == "__main__":

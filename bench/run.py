@@ -13,6 +13,7 @@ from pathlib import Path
 
 from bench import report
 from bench.layers import PROFILES, LayerError, ensure_layers
+from bench.scratch import Scratch
 from bench.systems import SYSTEMS, MountError, SlowExit, System
 from bench.workloads import SCENARIOS_BY_NAME, Scenario, environment, timed_steps
 
@@ -183,7 +184,7 @@ def run_command(command: str, env: dict, timeout: float = STEP_TIMEOUT) -> tuple
     return elapsed, None
 
 
-def run_scenario(scenario: Scenario, system: System, layers, scratch: Path,
+def run_scenario(scenario: Scenario, system: System, layers, scratch: Scratch,
                  collector: Collector) -> str:
     """One fresh mount of `system`, the scenario's steps on it; returns a progress line."""
     timed = [s.name for s in scenario.steps if s.timed]
@@ -247,8 +248,6 @@ def run(args, command_line: str) -> dict:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     layers = ensure_layers(out, profile, args.mirror, log)
-    scratch = out / "scratch"
-    scratch.mkdir(exist_ok=True)
     scenarios = [SCENARIOS_BY_NAME[n] for n in args.workloads]
     steps = timed_steps(scenarios)
     collector = Collector(steps)
@@ -259,12 +258,15 @@ def run(args, command_line: str) -> dict:
     warm_page_cache(layers.root)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load_before = os.getloadavg()[0]
-    for rep in range(args.reps):
-        for index, scenario in enumerate(scenarios):
-            shift = (rep + index) % len(args.systems)
-            for name in args.systems[shift:] + args.systems[:shift]:  # interleaved, rotating
-                line = run_scenario(scenario, SYSTEMS[name], layers, scratch, collector)
-                log(f"[{rep + 1}/{args.reps}] {scenario.name:<13} {name:<14} {line}")
+    with Scratch(out, log) as scratch:
+        for rep in range(args.reps):
+            for index, scenario in enumerate(scenarios):
+                shift = (rep + index) % len(args.systems)
+                for name in args.systems[shift:] + args.systems[:shift]:  # interleaved, rotating
+                    line = run_scenario(scenario, SYSTEMS[name], layers, scratch, collector)
+                    log(f"[{rep + 1}/{args.reps}] {scenario.name:<13} {name:<14} {line}")
+        where = "a fresh ext4 filesystem made for this run (see bench/scratch.py)" \
+            if scratch.on_image else "a directory on the layers' filesystem (no loop device)"
     summary = report.summarize(collector.samples, collector.errors, collector.memory, steps,
                                args.systems, collector.cpu)
     return {
@@ -276,6 +278,7 @@ def run(args, command_line: str) -> dict:
         "systems": args.systems,
         "machine": report.machine(),
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "scratch": where,
         "summary": summary,
         "warnings": collector.warnings,
     }

@@ -8,8 +8,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench.layers import Layers
+
+if TYPE_CHECKING:
+    from bench.scratch import Scratch
 
 MOUNT_TIMEOUT = 60.0
 EXIT_TIMEOUT = 30.0  # seconds a FUSE daemon gets to exit after its unmount
@@ -75,15 +79,19 @@ def _run(argv: list[str], what: str) -> None:
         raise MountError(f"{what}: {last}")
 
 
-def _remove_tree(path: Path) -> None:
-    """Remove PATH, first detaching anything mounted in it (left by an interrupted run):
-    never remove files through a mount."""
+def detach_mounts(path: Path, including_top: bool = True) -> None:
+    """Lazily unmount everything mounted at or below PATH (left by an interrupted run)."""
+    top = os.path.realpath(path)
+    for point in sorted((p for p in _mount_points() if p.startswith(top + "/")
+                         or (including_top and p == top)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], check=False, stderr=subprocess.DEVNULL)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove PATH, first detaching anything mounted in it: never remove files through a mount."""
     if not path.exists():
         return
-    top = os.path.realpath(path)
-    for point in sorted((p for p in _mount_points() if p == top or p.startswith(top + "/")),
-                        key=len, reverse=True):
-        subprocess.run(["umount", "-l", point], check=False, stderr=subprocess.DEVNULL)
+    detach_mounts(path)
     if not is_mounted(path):
         subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=False)
 
@@ -108,7 +116,7 @@ class System:
     def missing_programs(self) -> list[str]:
         return [p for p in self.programs if not shutil.which(p)]
 
-    def mount(self, layers: Layers, scratch: Path, private: tuple[str, ...], writes: bool) -> Mounted:
+    def mount(self, layers: Layers, scratch: "Scratch", private: tuple[str, ...], writes: bool) -> Mounted:
         raise NotImplementedError
 
     @staticmethod
@@ -134,10 +142,10 @@ class Native(System):
     def mount(self, layers, scratch, private, writes):
         if not writes:
             return Mounted(layers.native)
-        farm = scratch / "native"
-        _remove_tree(farm)
+        farm = scratch.farm
+        remove_tree(farm)
         _run(["cp", "-al", str(layers.native), str(farm)], "making the native farm")
-        mounted = Mounted(farm, cleanups=[lambda: _remove_tree(farm)])
+        mounted = Mounted(farm, cleanups=[lambda: remove_tree(farm)])
         for rel in private:  # files the workload changes in place must not be shared links
             target = farm / rel
             _run(["cp", "-a", str(layers.native / rel), f"{target}.copy"], "copying a private file")
@@ -148,9 +156,8 @@ class Native(System):
 class _Layered(System):
     """A system that stacks an empty writable directory over app and base."""
 
-    def _dirs(self, scratch: Path) -> tuple[Path, Path, Path]:
-        top = scratch / self.name
-        _remove_tree(top)
+    def _dirs(self, scratch: "Scratch") -> tuple[Path, Path, Path]:
+        top = scratch.fresh(self.name)
         upper, work, mnt = top / "upper", top / "work", top / "mnt"
         for d in (upper, work, mnt):
             d.mkdir(parents=True)
@@ -167,7 +174,7 @@ class KernelOverlay(_Layered):
         _run(["mount", "-t", "overlay", "overlay", "-o", options, str(mnt)], "mount -t overlay")
         return Mounted(
             mnt,
-            cleanups=[lambda: _remove_tree(top), lambda: _run(["umount", str(mnt)], "umount")],
+            cleanups=[lambda: scratch.retire(top), lambda: _run(["umount", str(mnt)], "umount")],
         )
 
 
@@ -182,7 +189,7 @@ class _Fuse(_Layered):
 
     def mount(self, layers, scratch, private, writes):
         top, upper, mnt = self._dirs(scratch)
-        log_path = scratch.parent / "logs" / f"{self.name}.log"
+        log_path = scratch.out / "logs" / f"{self.name}.log"
         log_path.parent.mkdir(exist_ok=True)
         log = open(log_path, "wb")
         proc = subprocess.Popen(
@@ -193,7 +200,7 @@ class _Fuse(_Layered):
             start_new_session=True,
         )
         log.close()
-        mounted = Mounted(mnt, pid=proc.pid, cleanups=[lambda: _remove_tree(top)], log=log_path)
+        mounted = Mounted(mnt, pid=proc.pid, cleanups=[lambda: scratch.retire(top)], log=log_path)
         mounted.cleanups.append(lambda: self._stop(proc, mnt))
         deadline = time.monotonic() + MOUNT_TIMEOUT
         while not is_mounted(mnt):
