@@ -1,6 +1,7 @@
 """Ways to mount and unmount: overlay-style options, mount(8), fstab, signals, refresh."""
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -146,14 +147,17 @@ def test_second_mount_of_a_writable_branch_is_refused(union, make_union):
 
 
 def test_debug_flag_logs_every_request(union):
-    (union["low"] / "f").write_text("x")
+    (union["low"] / "f").write_text("x")  # (the mount opens a file like this one: see show_no_open)
+    (union["low"] / "d").mkdir()
+    (union["low"] / "d" / "e").write_text("x")
     r = pyunion("mount", "-d", "-o", f"logfile={union.log}", union.spec, union.mnt)
     assert r.returncode == 0, r.stderr
-    (union / "f").read_text()
+    (union / "d" / "e").read_text()
     (union / "g").write_bytes(b"y" * 4096)
     union.umount()
     log = union.log.read_text()
-    for request in ("lookup(1, b'f')", "read(", "create(1, b'g'", "write("):
+    assert re.search(r"lookup\(\d+, b'e'\)", log)
+    for request in ("read(", "create(1, b'g'", "write("):
         assert request in log, request
     assert "<4096 bytes>" in log
 

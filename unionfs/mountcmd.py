@@ -326,7 +326,7 @@ def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: b
 
     session = None
     if o.extras:
-        from unionfs.session import Session, find_device_fd
+        from unionfs.session import Session, find_device_fd, show_no_open
 
         fd = find_device_fd()
         if fd is not None:
@@ -340,6 +340,9 @@ def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: b
             # (abandoned at exit: it must not hold the daemon up if the mount is already gone)
             nursery.start_soon(partial(trio.to_thread.run_sync, _raise_readahead, mountpoint,
                                        abandon_on_cancel=True))
+            if session and not o.opens:
+                nursery.start_soon(partial(trio.to_thread.run_sync, show_no_open, mountpoint,
+                                           abandon_on_cancel=True))
             await (session.serve() if session else pyfuse3.main())
             nursery.cancel_scope.cancel()
 
