@@ -210,3 +210,31 @@ def test_xattrs_of_an_open_file_whose_name_went(union):
             os.getxattr(f.fileno(), "user.absent")
         assert e.value.errno == errno.ENODATA
     assert os.getxattr(low, "user.kept") == b"yes"
+
+
+@pytest.mark.parametrize("where", ["up", "low"])
+def test_attribute_changes_of_an_open_file_whose_name_went(union, where):
+    """fchmod, fchown, futimens and ftruncate work on an open file after its unlink, as on a
+    local filesystem; a lower file is changed only in its copy."""
+    low = _lower_file(union, "f", b"lower data") if where == "low" else None
+    if where == "up":
+        (union["up"] / "f").write_bytes(b"upper data")
+    union.mount()
+    with open(union / "f", "r+b") as f:
+        f.write(b"L")
+        f.flush()
+        os.unlink(union / "f")
+        fd = f.fileno()
+        os.fchmod(fd, 0o640)
+        os.chown(fd, 123, 456)
+        os.ftruncate(fd, 4)
+        os.utime(fd, ns=(1_000_000_000, 2_000_000_000))
+        st = os.fstat(fd)
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 123, 456)
+        assert (st.st_atime_ns, st.st_mtime_ns, st.st_size) == (1_000_000_000, 2_000_000_000, 4)
+        f.seek(0)
+        assert f.read() == (b"Lowe" if where == "low" else b"Lppe")
+    assert not (union / "f").exists() and not (union["up"] / "f").exists()
+    if low is not None:
+        assert low.read_bytes() == b"lower data"
+        assert stat.S_IMODE(low.stat().st_mode) != 0o640 and low.stat().st_uid == 0

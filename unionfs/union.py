@@ -612,38 +612,42 @@ class Union(MergedView):
 
     def setattr(self, node: Node, fd: int | None, mode=None, uid=None, gid=None, size=None,
                 atime_ns=None, mtime_ns=None) -> os.stat_result:
+        """Change NODE's attributes; FD: its writable data fd if open (then every change goes
+        through it: fewer lookups, and it works on a file whose name went while open)."""
         self.require_writable()
         self.copy_up(node)
-        if node.ino == ROOT_INO:
-            dfd, name = self.branches[self.layers(node)[0]].fd, b"."
-            if not self.branches[self.layers(node)[0]].writable:
-                raise oserror(errno.EROFS)
+        if fd is not None:
+            where: dict = {}
+            target: int | bytes = fd
         else:
-            dfd, name = self._location(node)
+            if node.ino == ROOT_INO:
+                dfd, target = self.branches[self.layers(node)[0]].fd, b"."
+                if not self.branches[self.layers(node)[0]].writable:
+                    raise oserror(errno.EROFS)
+            else:
+                dfd, target = self._location(node)
+            where = {"dir_fd": dfd, "follow_symlinks": False}
         if size is not None:
             if fd is not None:
                 os.ftruncate(fd, size)
             else:
-                tfd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                tfd = os.open(target, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
                 try:
                     os.ftruncate(tfd, size)
                 finally:
                     os.close(tfd)
         if uid is not None or gid is not None:
             node.xattrs = None  # a chown drops file capabilities
-            os.chown(name, -1 if uid is None else uid, -1 if gid is None else gid, dir_fd=dfd,
-                     follow_symlinks=False)
-        if mode is not None:
-            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-            if not stat.S_ISLNK(st.st_mode):
-                os.chmod(name, stat.S_IMODE(mode), dir_fd=dfd)
+            os.chown(target, -1 if uid is None else uid, -1 if gid is None else gid, **where)
+        if mode is not None and (fd is not None or not stat.S_ISLNK(os.stat(target, **where).st_mode)):
+            os.chmod(target, stat.S_IMODE(mode), dir_fd=where.get("dir_fd"))
         if atime_ns is not None or mtime_ns is not None:
             if atime_ns is None or mtime_ns is None:
-                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                st = os.stat(target, **where)
                 atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
                 mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
-            os.utime(name, ns=(atime_ns, mtime_ns), dir_fd=dfd, follow_symlinks=False)
-        return self.stat(node)
+            os.utime(target, ns=(atime_ns, mtime_ns), **where)
+        return os.fstat(fd) if fd is not None else self.stat(node)
 
     def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
         if is_internal_xattr(name):
