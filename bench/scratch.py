@@ -30,6 +30,7 @@ class Scratch:
         self.image = out / "scratch.img"
         self.log = log
         self.on_image = False
+        self.device: str | None = None  # the loop device holding the image
         self._serial = itertools.count()
 
     def __enter__(self) -> "Scratch":
@@ -40,10 +41,11 @@ class Scratch:
                 f.truncate(IMAGE_BYTES)
             _run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "lazy_itable_init=0,lazy_journal_init=0",
                   str(self.image)])
-            _run(["mount", "-o", "loop", str(self.image), str(self.root)])
+            self.device = _attach(self.image)
+            _run(["mount", self.device, str(self.root)])
             self.on_image = True
         except (OSError, RuntimeError) as e:
-            self.image.unlink(missing_ok=True)
+            self._release_image()
             self.log(f"warning: no fresh filesystem for the writable layers ({e}); create-heavy "
                      "workloads may be slowed by earlier deletions")
         (self.root / "retired").mkdir(exist_ok=True)
@@ -85,9 +87,32 @@ class Scratch:
             subprocess.run(["umount", str(self.root)], check=False)
             if is_mounted(self.root):
                 subprocess.run(["umount", "-l", str(self.root)], check=False)
-        self.image.unlink(missing_ok=True)
+        self._release_image()
         remove_tree(self.root)
         self.on_image = False
+
+    def _release_image(self) -> None:
+        """Detach every loop device holding the image (this run's, or an interrupted one's),
+        and delete it."""
+        if self.image.exists():
+            held = subprocess.run(["losetup", "--noheadings", "--output", "NAME", "--associated",
+                                   str(self.image)], capture_output=True, text=True).stdout.split()
+            for device in {*held, *([self.device] if self.device else [])}:
+                subprocess.run(["losetup", "--detach", device], check=False)
+        self.device = None
+        self.image.unlink(missing_ok=True)
+
+
+def _attach(image: Path) -> str:
+    """A loop device for IMAGE, with direct I/O where it can (else the image's page cache
+    doubles the filesystem's: an fsync of 512 MiB took 1.3 s instead of 0.3 s)."""
+    for direct in (["--direct-io=on"], []):
+        done = subprocess.run(["losetup", "--find", "--show", *direct, str(image)],
+                              capture_output=True, text=True)
+        if done.returncode == 0:
+            return done.stdout.strip()
+    last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+    raise RuntimeError(f"losetup: {last}")
 
 
 def _run(argv: list[str]) -> None:
