@@ -88,6 +88,7 @@ class UnionOperations(pyfuse3.Operations):
         self.no_opendir = False
         self._listings: OrderedDict[int, DirHandle] = OrderedDict()
         self.data = DataFds(union)
+        union.before_unlink = self.data.pin
         self._copy_locks: dict[int, trio.Lock] = {}
         self._blocking = trio.CapacityLimiter(2)  # heavy blocking work: big copy-ups, fsync
         # how the kernel is told to forget entries and inodes (see _refresh): set by a session
@@ -318,9 +319,7 @@ class UnionOperations(pyfuse3.Operations):
         self.do_unlink(parent_inode, name)
 
     def do_unlink(self, parent_inode: int, name: bytes) -> None:
-        parent = self._node(parent_inode)
-        self._pin_before_removal(parent, name)
-        self.union.unlink(parent, name)
+        self.union.unlink(self._node(parent_inode), name)  # (pins the data: see DataFds.pin)
 
     @_handler
     async def rmdir(self, parent_inode, name, ctx):

@@ -35,6 +35,9 @@ class Union(MergedView):
         self.index: dict[Key, bytes] = {}
         # (dev, ino) of each copy -> how many names its lower file had (see attr_nlink)
         self.indexed: dict[Key, int] = {}
+        # called with a file's node just before its name goes from a writable branch while
+        # the kernel still holds it (it may read on: the adapter keeps the data open)
+        self.before_unlink = None
         if self.top_rw is not None:
             for iname, ist in self.branches[self.top_rw].index_entries():
                 try:
@@ -467,6 +470,8 @@ class Union(MergedView):
                 self.dirs.forget(join(parent.path, name))
                 remove_tree_at(dfd, name)  # only whiteouts and markers are left in it
             else:
+                if node is not None and node.lookups > 0 and self.before_unlink is not None:
+                    self.before_unlink(node)
                 os.unlink(name, dir_fd=dfd)
                 if st.st_nlink <= 1:
                     self.origin.pop((st.st_dev, st.st_ino), None)
