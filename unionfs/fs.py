@@ -487,6 +487,8 @@ class UnionOperations(pyfuse3.Operations):
         node = handle.node
         union = self.union
         entries = handle.entries
+        removed = handle.removed
+        dir_fds: dict[int, int | None] = {}  # branch -> the directory's fd there
         for i in range(start, len(entries) + 2):
             if i < 2:  # "." and "..": the kernel takes no reference for these
                 dot = node if i == 0 else (node.parent or node)
@@ -494,9 +496,11 @@ class UnionOperations(pyfuse3.Operations):
                     return
                 continue
             name, b, _, _ = entries[i - 2]
-            if name in handle.removed:
+            if removed and name in removed:
                 continue
-            found = union.entry_attrs(node, name, b)
+            if b not in dir_fds:
+                dir_fds[b] = union.dirs.lookup(b, node.path)
+            found = union.entry_attrs(node, name, b, dir_fds[b])
             if found is None:
                 continue
             child, st = found

@@ -74,7 +74,11 @@ class InodeTable:
         holds has that number (a hash collision, or an old file whose number the filesystem
         gave to a new one: the kernel may still send requests and FORGETs for the old one)."""
         ino = self._assigned.get(key)
-        if ino is not None and self._free(ino, key):
+        if ino is None:  # the common case: its hash, if free
+            ino = _hash(_PACK(*key), 0) & _MASK
+            if ino > ROOT_INO and self.by_ino.get(ino) is None:
+                return ino
+        if self._free(ino, key):
             return ino
         seed = 0
         while True:

@@ -344,11 +344,13 @@ class MergedView:
         """The inode number of a listed entry of KEY (see listdir), as a lookup would give."""
         return self.table.ino_of(self.origin.get(key, key))
 
-    def entry_attrs(self, parent: Node, name: bytes, b: int) -> tuple[Node, os.stat_result] | None:
-        """Node and attributes for an entry listed in branch B (as a lookup would give, without
-        probing); None if it is gone."""
-        d = self.dirs.lookup(b, parent.path)
-        st = syscalls.lstat_at(d, name) if d is not None else None
+    def entry_attrs(self, parent: Node, name: bytes, b: int, d: int | None) -> tuple[Node, os.stat_result] | None:
+        """Node and attributes for an entry listed in branch B, whose directory there is open
+        as D (as a lookup would give, without probing); None if it is gone."""
+        try:
+            st = os.stat(name, dir_fd=d, follow_symlinks=False) if d is not None else None
+        except (FileNotFoundError, NotADirectoryError):
+            st = None
         if st is None or self._has_copy_elsewhere(b, st):  # changed meanwhile, or hard-linked
             try:
                 return self.lookup(parent, name)

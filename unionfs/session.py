@@ -132,6 +132,7 @@ class Session:
         self.ops = ops
         self.opens = opens
         self.union = ops.union
+        self._nlink = self.union.attr_nlink
         self.fd = fd
         self.debug = ops.debug
         self.wanted = WANTED | (wire.WRITEBACK_CACHE if writeback else 0) \
@@ -315,12 +316,10 @@ class Session:
         self._send(unique)
 
     def _attr(self, node, st: os.stat_result) -> tuple:
-        a, an = divmod(st.st_atime_ns, NS)
-        m, mn = divmod(st.st_mtime_ns, NS)
-        c, cn = divmod(st.st_ctime_ns, NS)
-        return (node.ino, st.st_size, st.st_blocks, a, m, c, an, mn, cn, st.st_mode,
-                self.union.attr_nlink(node, st), st.st_uid, st.st_gid, st.st_rdev & 0xFFFFFFFF,
-                st.st_blksize, 0)
+        a, m, c = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+        return (node.ino, st.st_size, st.st_blocks, a // NS, m // NS, c // NS, a % NS, m % NS,
+                c % NS, st.st_mode, self._nlink(node, st), st.st_uid, st.st_gid,
+                st.st_rdev & 0xFFFFFFFF, st.st_blksize, 0)
 
     def _entry(self, node, st: os.stat_result) -> bytes:
         (es, ens), (as_, ans) = self._entry_valid, self._attr_valid
@@ -573,17 +572,19 @@ class Session:
         pack = wire.DIRENTPLUS.pack
         fixed = wire.DIRENTPLUS.size
 
+        attr = self._attr
+
         def emit(name, node, st, next_id):
             nonlocal used
-            length = fixed + len(name) + 7 & ~7
+            namelen = len(name)
+            length = fixed + namelen + 7 & ~7
             if used + length > size:
                 return False
             ino = node.ino
-            entry = pack(ino, 0, es, as_, ens, ans, *self._attr(node, st),
-                         ino, next_id, len(name), (st.st_mode >> 12) & 0o17) \
-                + name + b"\0" * (length - fixed - len(name))
-            parts.append(entry)
-            used += len(entry)
+            parts.append(pack(ino, 0, es, as_, ens, ans, *attr(node, st), ino, next_id, namelen,
+                              (st.st_mode >> 12) & 0o17))
+            parts.append(name.ljust(length - fixed, b"\0"))
+            used += length
             if name != b"." and name != b"..":
                 taken.append(node)
             return True
