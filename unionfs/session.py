@@ -19,6 +19,7 @@ file and directory handles are inode numbers, and it caches listings and symlink
 import errno
 import logging
 import os
+import select
 import time
 from functools import partial
 
@@ -147,6 +148,8 @@ class Session:
         self._tasks = 0
         self.poll_max = poll_max
         self._window = min(POLL_MIN, poll_max)  # how long _poll() waits now
+        self._poller = select.poll()
+        self._poller.register(fd, select.POLLIN)
         self._caller = (0, 0, 0)
         self._entry_valid = _timeout(ops.entry_timeout)
         self._attr_valid = _timeout(ops.attr_timeout)
@@ -215,15 +218,16 @@ class Session:
         does not, so an idle mount uses no CPU.
         """
         deadline = time.perf_counter() + self._window
+        ready = self._poller.poll  # (a failed read would cost an exception each round)
         while True:
             os.sched_yield()
-            try:
-                size = os.readv(self.fd, [self._buf])
-            except BlockingIOError:
+            if not ready(0):
                 if time.perf_counter() < deadline:
                     continue
                 self._window = min(max(self._window / 2, POLL_MIN), self.poll_max)
                 return None
+            try:
+                size = os.readv(self.fd, [self._buf])
             except OSError:
                 return None  # the main loop reads again and sees it
             self._window = min(self._window * 2, self.poll_max)
