@@ -2,7 +2,10 @@
 
 import errno
 import os
+import shutil
 import stat
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -68,6 +71,39 @@ def test_copy_up_keeps_holes(union):
         assert f.read(3) == b"mid"
         f.seek(64 << 20)
         assert f.read() == b"end"
+
+
+@pytest.fixture
+def tmpfs_dir():
+    """A directory on tmpfs: another filesystem than the tests' temporary directory."""
+    path = tempfile.mkdtemp(dir="/dev/shm")
+    yield Path(path)
+    shutil.rmtree(path)
+
+
+def test_copy_up_from_another_filesystem(make_union, tmpfs_dir):
+    """A lower branch on tmpfs over an upper one on disk: copy_file_range refuses (EXDEV), so
+    the data goes by sendfile; every byte and the holes arrive, the lower file is untouched."""
+    base = tmpfs_dir / "low"
+    base.mkdir()
+    data = os.urandom(3 << 20)
+    with open(base / "f", "wb") as f:
+        f.write(data[:1 << 20])
+        f.seek(9 << 20)  # a hole of 8 MiB
+        f.write(data[1 << 20:])
+    u = make_union(("up", "rw"), ("low", "ro+wh"))
+    os.rmdir(u["low"])
+    os.symlink(base, u["low"])
+    u.mount()
+    with open(u / "f", "ab") as f:
+        f.write(b"+")
+    expected = data[:1 << 20] + bytes(8 << 20) + data[1 << 20:] + b"+"
+    assert (u / "f").read_bytes() == expected
+    up = u["up"] / "f"
+    assert up.read_bytes() == expected
+    assert os.stat(up).st_blocks * 512 < 6 << 20, "the hole was filled in"
+    assert (base / "f").stat().st_size == 11 << 20
+    assert (base / "f").read_bytes() == expected[:-1]
 
 
 def test_copy_up_symlink_fifo_and_device(union):
@@ -238,3 +274,28 @@ def test_attribute_changes_of_an_open_file_whose_name_went(union, where):
     if low is not None:
         assert low.read_bytes() == b"lower data"
         assert stat.S_IMODE(low.stat().st_mode) != 0o640 and low.stat().st_uid == 0
+
+
+@pytest.mark.parametrize("sendfile", [True, False])
+def test_copy_data_across_filesystems(tmpfs_dir, tmp_path, monkeypatch, sendfile):
+    """The copy engine between filesystems, by sendfile and by its read-write fallback (for
+    filesystems sendfile refuses): data and holes as in the source."""
+    from unionfs import syscalls
+
+    monkeypatch.setattr(syscalls, "_have_sendfile", sendfile)
+    src_path = tmpfs_dir / "src"
+    data = os.urandom((2 << 20) + 5)
+    with open(src_path, "wb") as f:
+        f.write(data[:4096])
+        f.seek(4 << 20)
+        f.write(data[4096:])
+    size = src_path.stat().st_size
+    src = os.open(src_path, os.O_RDONLY)
+    dst = os.open(tmp_path / "dst", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        syscalls.copy_data(src, dst, size, writeback=True)
+    finally:
+        os.close(src)
+        os.close(dst)
+    assert (tmp_path / "dst").read_bytes() == src_path.read_bytes()
+    assert os.stat(tmp_path / "dst").st_blocks * 512 < 4 << 20, "the hole was filled in"

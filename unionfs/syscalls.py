@@ -158,31 +158,57 @@ def copy_data(src: int, dst: int, size: int, writeback: bool = False) -> None:
 
 
 _have_copy_file_range = hasattr(os, "copy_file_range")
+_have_sendfile = True
 
 
 def _copy_range(src: int, dst: int, off: int, count: int) -> bool:
-    """Copy COUNT bytes at OFF; True if the source ended before."""
+    """Copy COUNT bytes at OFF; True if the source ended before.
+
+    copy_file_range where the two files' filesystems allow it (it may share blocks), else
+    sendfile: page cache to page cache, never through this process's memory (a 1 MiB buffer
+    per chunk made the copy fault in every page of it, slow in VMs whose host lends memory
+    lazily: a 512 MiB copy-up took 1.5 s instead of 0.25 s).
+    """
     global _have_copy_file_range
-    while count > 0:
-        if _have_copy_file_range:
-            try:
+    if _have_copy_file_range:
+        try:
+            while count > 0:
                 n = os.copy_file_range(src, dst, min(count, 1 << 30), off, off)
+                if n == 0:  # source shrank under us
+                    return True
+                off += n
+                count -= n
+            return False
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            _have_copy_file_range = e.errno == errno.EXDEV  # EXDEV: only these two filesystems
+    return _send_range(src, dst, off, count)
+
+
+def _send_range(src: int, dst: int, off: int, count: int) -> bool:
+    """_copy_range without copy_file_range: sendfile, else read and write through one buffer."""
+    global _have_sendfile
+    os.lseek(dst, off, os.SEEK_SET)  # sendfile writes at DST's position
+    buf = None
+    while count > 0:
+        if _have_sendfile:
+            try:
+                n = os.sendfile(dst, src, off, min(count, 1 << 30))
             except OSError as e:
-                if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                if e.errno not in (errno.EINVAL, errno.ENOSYS):
                     raise
-                _have_copy_file_range = e.errno == errno.EXDEV
-                n = _copy_chunk(src, dst, off, count)
+                _have_sendfile = False
+                continue
         else:
-            n = _copy_chunk(src, dst, off, count)
+            if buf is None:
+                buf = bytearray(min(count, 1 << 20))
+            n = os.preadv(src, [buf], off)
+            done = 0
+            while done < n:  # (a short write: the disk is filling up; the next one says so)
+                done += os.pwritev(dst, [memoryview(buf)[done:n]], off + done)
         if n == 0:  # source shrank under us
             return True
         off += n
         count -= n
     return False
-
-
-def _copy_chunk(src: int, dst: int, off: int, count: int) -> int:
-    buf = os.pread(src, min(count, 1 << 20), off)
-    if buf:
-        os.pwrite(dst, buf, off)
-    return len(buf)
