@@ -162,6 +162,29 @@ def test_debug_flag_logs_every_request(union):
     assert "<4096 bytes>" in log
 
 
+@pytest.mark.parametrize("opens", [False, True])
+def test_created_files_get_no_release(union, opens):
+    """The daemon opens a file through the mount as it starts, so the kernel learns that it
+    needs no OPEN, and then sends no RELEASE for created files either (unless -o opens)."""
+    (union["low"] / "d").mkdir()
+    (union["low"] / "d" / "f").write_text("lower")
+    union.mount(*(["opens"] if opens else []), debug=True)
+    deadline = time.monotonic() + 5
+    while not opens and "open" not in union.requests() and time.monotonic() < deadline:
+        time.sleep(0.05)  # (the daemon's opening runs in a thread as the mount starts)
+    for i in range(20):
+        (union / f"new{i}").write_text("x")
+    union.umount()
+    requests = union.requests()
+    assert requests.count("create") == 20
+    if opens:
+        assert requests.count("release") >= 20
+    else:
+        assert requests.count("open") == 1 and "release" not in requests
+    assert sorted(p.name for p in union["up"].iterdir()) == sorted(f"new{i}" for i in range(20))
+    assert os.listdir(union["low"]) == ["d"]
+
+
 def test_mount_without_polling(union):
     """-o poll=0: the session sleeps between every two requests, and serves the same."""
     (union["low"] / "f").write_text("lower")
