@@ -230,6 +230,38 @@ def test_absent_xattrs_are_remembered_until_something_adds_them(union):
     assert "user.later" not in os.listxattr(union["low"] / "f")
 
 
+@pytest.mark.parametrize("extras", ["", "noextras"])
+def test_absent_selinux_labels_are_not_supported(union, extras):
+    """Without SELinux on the host, a file without a label answers EOPNOTSUPP, so `ls -l`
+    stops asking each file for one; a label a branch file carries is still returned."""
+    import subprocess
+
+    assert not os.path.exists("/sys/fs/selinux"), "this test needs a host without SELinux"
+    for i in range(50):
+        (union["low"] / f"f{i}").write_text("x")
+    os.setxattr(union["low"] / "f7", "security.selinux", b"system_u:object_r:etc_t:s0\0")
+    union.mount(*([extras] if extras else []), debug=not extras)
+    with pytest.raises(OSError) as e:
+        os.getxattr(union / "f3", "security.selinux")
+    assert e.value.errno == errno.EOPNOTSUPP
+    assert os.getxattr(union / "f7", "security.selinux") == b"system_u:object_r:etc_t:s0\0"
+    with pytest.raises(OSError) as e:
+        os.getxattr(union / "f3", "user.absent")
+    assert e.value.errno == errno.ENODATA  # other absent attributes: as ever
+    if not extras:
+        def asked():
+            return union.log.read_text().count("b'security.selinux')")
+
+        before = asked()
+        listing = subprocess.run(["ls", "-l", union.mnt], capture_output=True, text=True, check=True)
+        assert listing.stdout.count(" f") == 50
+        assert asked() - before <= 2, f"ls -l asked {asked() - before} times for 50 files"
+    assert os.getxattr(union["low"] / "f7", "security.selinux") == b"system_u:object_r:etc_t:s0\0"
+    with pytest.raises(OSError) as e:
+        os.getxattr(union["low"] / "f3", "security.selinux")
+    assert e.value.errno == errno.ENODATA  # the branch itself is not changed
+
+
 def test_posix_acls_copied_up_and_enforced(shared_union, test_user):
     import subprocess
     union = shared_union

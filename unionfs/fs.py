@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 SMALL_READ = 128 << 10
 # listings kept when the kernel sends no OPENDIR (see _listing)
 MAX_LISTINGS = 256
+SELINUX_XATTR = b"security.selinux"
+SELINUXFS = "/sys/fs/selinux"
 # copy-ups of files at least this big run in a worker thread, so the mount keeps serving
 THREAD_COPY_BYTES = 1 << 20
 PID_XATTR = b"pyunion.pid"
@@ -94,6 +96,9 @@ class UnionOperations(pyfuse3.Operations):
         # how the kernel is told to forget entries and inodes (see _refresh): set by a session
         # that speaks the protocol itself; pyfuse3's notifications otherwise
         self.invalidate = None
+        # without SELinux on the host, an absent SELinux label answers "not supported"
+        # (see absent_xattr_errno)
+        self.labels_unsupported = not os.path.exists(SELINUXFS)
 
     # ------------------------------------------------------------------ helpers
 
@@ -190,6 +195,15 @@ class UnionOperations(pyfuse3.Operations):
         if size > SMALL_READ:  # pread allocates all it is asked for: no more than the file holds
             size = min(size, max(os.fstat(fd).st_size - off, 0))
         return os.pread(fd, size, off)
+
+    def absent_xattr_errno(self, name: bytes) -> int:
+        """The error for a query of attribute NAME that the file does not have: ENODATA, but
+        EOPNOTSUPP for an SELinux label on a host without SELinux. `ls -l` asks every file
+        for its label, and stops asking a filesystem that does not support labels (on each
+        pass, a round trip per file saved); a file that does carry one still returns it."""
+        if name == SELINUX_XATTR and self.labels_unsupported:
+            return errno.EOPNOTSUPP
+        return errno.ENODATA
 
     def do_getxattr(self, inode: int, name: bytes) -> bytes | None:
         """The value of attribute NAME, or None if there is none."""
@@ -577,7 +591,7 @@ class UnionOperations(pyfuse3.Operations):
     async def getxattr(self, inode, name, ctx):
         value = self.do_getxattr(inode, name)
         if value is None:
-            raise pyfuse3.FUSEError(errno.ENODATA)
+            raise pyfuse3.FUSEError(self.absent_xattr_errno(name))
         return value
 
     @_handler

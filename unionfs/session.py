@@ -606,9 +606,10 @@ class Session:
 
     def _getxattr(self, unique, nodeid, length):
         size, _ = wire.GETXATTR_IN.unpack_from(self._buf, BODY)
-        value = self.ops.do_getxattr(nodeid, self._name(BODY + wire.GETXATTR_IN.size, length))
+        name = self._name(BODY + wire.GETXATTR_IN.size, length)
+        value = self.ops.do_getxattr(nodeid, name)
         if value is None:
-            self._error(unique, errno.ENODATA)
+            self._error(unique, self.ops.absent_xattr_errno(name))
         else:
             self._sized(unique, size, value)
 
