@@ -435,7 +435,6 @@ class Union(MergedView):
     def _forget_name(self, parent: Node, name: bytes, node: Node | None) -> None:
         for h in parent.handles or ():
             h.removed.add(name)
-        self.dirs.forget(join(parent.path, name))
         if node is None:
             return
         path = join(parent.path, name)
@@ -462,12 +461,13 @@ class Union(MergedView):
                 dnode.parent, dnode.layers, dnode.stop = parent, tuple(p.layers), p.stop
             if self.listdir(dnode):
                 raise oserror(errno.ENOTEMPTY, name)
+        if is_dir:
+            self.dirs.forget(join(parent.path, name))  # its fds, and those of what was below it
         if self.branches[b].writable:
             dfd = self.dirs.get(b, parent.path)
             if p.below(b):
                 self._whiteout(dfd, name)  # first: a crash leaves the entry, never lower data
             if is_dir:
-                self.dirs.forget(join(parent.path, name))
                 remove_tree_at(dfd, name)  # only whiteouts and markers are left in it
             else:
                 if node is not None and node.lookups > 0 and self.before_unlink is not None:
