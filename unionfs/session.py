@@ -559,7 +559,7 @@ class Session:
             if used + length > size:
                 return False
             parts.append(pack(ino, next_id, len(name), kind))
-            parts.append(name + b"\0" * (length - fixed - len(name)))
+            parts.append(name.ljust(length - fixed, b"\0"))
             used += length
             return True
 
