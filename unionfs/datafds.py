@@ -54,10 +54,6 @@ class DataFds:
                 return entry[0]
         return None
 
-    def pinned(self, node: Node) -> int | None:
-        entry = self._pinned.get(node.ino)
-        return None if entry is None else entry[0]
-
     def pin(self, node: Node) -> None:
         """Keep NODE's data reachable: its name is about to go, but the kernel may still read it."""
         if node.ino in self._pinned:

@@ -182,13 +182,10 @@ class UnionOperations(pyfuse3.Operations):
 
     def do_getattr(self, inode: int) -> tuple[Node, os.stat_result]:
         node = self._node(inode)
-        try:
-            return node, self.union.stat(node)
-        except FileNotFoundError:  # removed, but still open: its pinned fd knows
-            fd = self.data.pinned(node)
-            if fd is None:
-                raise
+        fd = self.data.cached(node)  # the file's open data answers without a path walk
+        if fd is not None:
             return node, os.fstat(fd)
+        return node, self.union.stat(node)
 
     def do_read(self, fh: int, off: int, size: int) -> bytes:
         fd = self.data.get(self._node(fh), False)

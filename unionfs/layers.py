@@ -197,6 +197,10 @@ class DirFdCache:
             os.close(old)
         return fd
 
+    def cached(self, branch: int, path: bytes) -> int | None:
+        """The fd of directory PATH in BRANCH if one is open (none is opened)."""
+        return self._fds.get((branch, path)) if path else self._branches[branch].fd
+
     def lookup(self, branch: int, path: bytes) -> int | None:
         """Like get, but None when PATH is missing or not a directory in BRANCH."""
         try:

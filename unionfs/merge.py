@@ -263,6 +263,10 @@ class MergedView:
     def stat(self, node: Node) -> os.stat_result:
         if node.ino == ROOT_INO:
             return os.fstat(self.branches[self.layers(node)[0]].fd)
+        if node.is_dir:  # an open directory fd answers without a path walk
+            fd = self.dirs.cached(node.branch, node.path)
+            if fd is not None:
+                return os.fstat(fd)
         try:
             dfd, name = self._location(node)
             st = syscalls.lstat_at(dfd, name)
