@@ -168,8 +168,8 @@ class Session:
             wire.SETXATTR: self._setxattr, wire.GETXATTR: self._getxattr,
             wire.LISTXATTR: self._listxattr, wire.REMOVEXATTR: self._removexattr,
             wire.FLUSH: self._unsupported, wire.OPENDIR: self._opendir,
-            wire.READDIR: self._readdir, wire.READDIRPLUS: self._readdirplus, wire.RELEASEDIR: self._releasedir,
-            wire.FSYNCDIR: self._fsyncdir, wire.ACCESS: self._access, wire.CREATE: self._create,
+            wire.READDIR: self._readdir, wire.READDIRPLUS: self._readdirplus,
+            wire.RELEASEDIR: self._releasedir, wire.FSYNCDIR: self._fsyncdir, wire.ACCESS: self._access, wire.CREATE: self._create,
             wire.INTERRUPT: self._interrupt, wire.FALLOCATE: self._fallocate,
             wire.LSEEK: self._lseek,
         }
