@@ -4,6 +4,7 @@ import ctypes
 import errno
 import os
 import stat
+import subprocess
 
 import pytest
 
@@ -178,3 +179,27 @@ def test_open_file_keeps_its_attributes_when_its_name_is_taken_by_a_directory(un
         f.seek(0)
         assert f.read() == b"12345"
     assert os.path.isdir(union / "x") and os.path.isdir(union["up"] / "x")
+
+
+def test_files_read_before_their_directory_moved_show_later_changes(union):
+    """Renaming a lower directory copies its files up; a file that was open for reading
+    before (its lower data fd kept by the daemon) then shows changes made to its copy."""
+    (union["low"] / "d").mkdir()
+    (union["low"] / "d" / "f").write_text("lower")
+    os.chmod(union["low"] / "d" / "f", 0o644)
+    union.mount()
+    with open(union / "d" / "f") as f:
+        assert f.read() == "lower"
+        os.rename(union / "d", union / "e")
+        os.chmod(union / "e" / "f", 0o600)
+        os.utime(union / "e" / "f", ns=(10**9, 2 * 10**9))
+        st = os.stat(union / "e" / "f")
+        assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_mtime_ns == 2 * 10**9
+        fresh = subprocess.run(["stat", "--cached=never", "-c", "%a %Y", union / "e" / "f"],
+                               capture_output=True, text=True, check=True).stdout.split()
+        assert fresh == ["600", "2"]  # asked of the daemon, not the kernel's cache
+        os.setxattr(union / "e" / "f", "user.after", b"moved")
+        assert os.getxattr(union / "e" / "f", "user.after") == b"moved"
+        assert os.listxattr(union / "e" / "f") == ["user.after"]
+    assert stat.S_IMODE(os.stat(union["up"] / "e" / "f").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(union["low"] / "d" / "f").st_mode) == 0o644

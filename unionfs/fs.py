@@ -182,7 +182,7 @@ class UnionOperations(pyfuse3.Operations):
 
     def do_getattr(self, inode: int) -> tuple[Node, os.stat_result]:
         node = self._node(inode)
-        fd = self.data.cached(node)  # the file's open data answers without a path walk
+        fd = self.data.current(node)  # the file's open data answers without a path walk
         if fd is not None:
             return node, os.fstat(fd)
         return node, self.union.stat(node)
@@ -207,7 +207,7 @@ class UnionOperations(pyfuse3.Operations):
         if name == PID_XATTR and inode == ROOT_INO:
             return str(os.getpid()).encode()
         node = self._node(inode)
-        return self.union.getxattr(node, name, self.data.cached(node))
+        return self.union.getxattr(node, name, self.data.current(node))
 
     @_handler
     async def lookup(self, parent_inode, name, ctx=None):
@@ -597,7 +597,7 @@ class UnionOperations(pyfuse3.Operations):
 
     def do_listxattr(self, inode: int) -> list[bytes]:
         node = self._node(inode)
-        return self.union.listxattr(node, self.data.cached(node))
+        return self.union.listxattr(node, self.data.current(node))
 
     @_handler
     async def setxattr(self, inode, name, value, ctx):
