@@ -198,6 +198,12 @@ def test_files_read_before_their_directory_moved_show_later_changes(union):
         fresh = subprocess.run(["stat", "--cached=never", "-c", "%a %Y", union / "e" / "f"],
                                capture_output=True, text=True, check=True).stdout.split()
         assert fresh == ["600", "2"]  # asked of the daemon, not the kernel's cache
+        os.truncate(union / "e" / "f", 0)  # changes to the copy's data, by its name
+        os.truncate(union / "e" / "f", 5)
+        with open("/proc/sys/vm/drop_caches", "w") as caches:  # read it from the daemon
+            caches.write("1")
+        f.seek(0)
+        assert f.read() == "\0" * 5
         os.setxattr(union / "e" / "f", "user.after", b"moved")
         assert os.getxattr(union / "e" / "f", "user.after") == b"moved"
         assert os.listxattr(union / "e" / "f") == ["user.after"]

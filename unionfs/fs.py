@@ -91,6 +91,7 @@ class UnionOperations(pyfuse3.Operations):
         self._listings: OrderedDict[int, DirHandle] = OrderedDict()
         self.data = DataFds(union)
         union.before_unlink = self.data.pin
+        union.after_copy_up = self.data.drop
         self._copy_locks: dict[int, trio.Lock] = {}
         self._blocking = trio.CapacityLimiter(2)  # heavy blocking work: big copy-ups, fsync
         # how the kernel is told to forget entries and inodes (see _refresh): set by a session

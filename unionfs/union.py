@@ -38,6 +38,9 @@ class Union(MergedView):
         # called with a file's node just before its name goes from a writable branch while
         # the kernel still holds it (it may read on: the adapter keeps the data open)
         self.before_unlink = None
+        # called with a node the union copied up by itself (a directory moved with its
+        # files): fds the adapter holds of its lower data are stale
+        self.after_copy_up = None
         if self.top_rw is not None:
             for iname, ist in self.branches[self.top_rw].index_entries():
                 try:
@@ -261,6 +264,8 @@ class Union(MergedView):
             fd = self.finish_copy_up(node, job)
             if fd is not None:  # (callers reach files the kernel holds by their names)
                 os.close(fd)
+            if self.after_copy_up is not None:
+                self.after_copy_up(node)
 
     def _copy_up_name(self, parent: Node, name: bytes, p: Probe, t: int) -> Node:
         """Make the winner of a probed name exist in branch T; its node."""
