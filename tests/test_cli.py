@@ -121,3 +121,12 @@ def test_no_usable_dev_fuse(test_user):
 def test_help_lists_commands():
     r = pyunion("--help")
     assert r.returncode == 0 and "pyunion mount" in r.stdout and "pyunion umount" in r.stdout
+
+
+@pytest.mark.parametrize("command", ["mount", "umount", "refresh"])
+def test_subcommand_help(command):
+    r = pyunion(command, "--help")
+    assert r.returncode == 0 and r.stderr == ""
+    assert r.stdout.startswith(f"usage: pyunion {command} ")
+    if command == "mount":
+        assert "readdirplus=always|auto" in r.stdout and "-f " in r.stdout

@@ -147,7 +147,28 @@ def _take_args(argv: list[str]) -> tuple[list[str], list[str], set[str]]:
     return opts, pos, flags
 
 
+HELP = {
+    "mount": """\
+usage: pyunion mount [-o OPT[,OPT...]] [-f] [-d] BRANCHES MOUNTPOINT
+  BRANCHES     DIR[=MODE]:DIR[=MODE]:..., top first; MODE is rw (the first branch's
+               default), ro+wh (the others' default: whiteouts honoured) or ro
+  -f           stay in the foreground (log to stderr)
+  -d           log every request
+  -o OPTIONS   ro, allow_other, nodefault_permissions, timeout=SEC, entry_timeout=SEC,
+               attr_timeout=SEC, negative_timeout=SEC, writeback, volatile, poll=USEC,
+               readdirplus=always|auto, opens, noextras, logfile=PATH, fsname=NAME,
+               workdir=DIR, and the kernel flags nodev, nosuid, noexec, noatime, sync, ...
+               (README.md says what each one does)
+""",
+    "umount": "usage: pyunion umount MOUNTPOINT\n",
+    "refresh": "usage: pyunion refresh MOUNTPOINT   (drop what the mount cached of its branches)\n",
+}
+
+
 def main(command: str, argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        sys.stdout.write(HELP[command])
+        return 0
     if command == "mount":
         return mount_main(argv)
     if command == "umount":
