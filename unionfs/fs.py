@@ -157,8 +157,7 @@ class UnionOperations(pyfuse3.Operations):
                 except BaseException:
                     job.abort()
                     raise
-                orphan = union.finish_copy_up(node, job)
-                self.data.drop(node)  # readers now read the copy
+                orphan = union.finish_copy_up(node, job)  # (readers now read the copy)
                 if orphan is not None:  # its name went meanwhile: the open file lives on
                     self.data.pin_fd(node, orphan, True)
         finally:
@@ -439,7 +438,6 @@ class UnionOperations(pyfuse3.Operations):
         node = self._node(ino)
         if write and self.union.needs_copy_up(node):
             self.union.copy_up(node)
-            self.data.drop(node)
         return self.data.get(node, write)
 
     # ------------------------------------------------------------------ directories

@@ -38,8 +38,7 @@ class Union(MergedView):
         # called with a file's node just before its name goes from a writable branch while
         # the kernel still holds it (it may read on: the adapter keeps the data open)
         self.before_unlink = None
-        # called with a node the union copied up by itself (a directory moved with its
-        # files): fds the adapter holds of its lower data are stale
+        # called with every node copied up: fds the adapter holds of its lower data are stale
         self.after_copy_up = None
         if self.top_rw is not None:
             for iname, ist in self.branches[self.top_rw].index_entries():
@@ -221,8 +220,7 @@ class Union(MergedView):
                     raise oserror(errno.ESTALE, node.path)
                 job.finish()
                 fd = job.detach()
-                node.branch = t
-                node.xattrs = None
+                self._copied(node, t)
                 return fd
             pfd = self.ensure_dir(t, node.parent)
             job.finish()
@@ -232,12 +230,18 @@ class Union(MergedView):
             raise
         new = syscalls.lstat_at(pfd, node.name)
         self.origin[(new.st_dev, new.st_ino)] = node.key
-        node.branch = t
-        node.xattrs = None
+        self._copied(node, t)
         if job.st.st_nlink > 1 and stat.S_ISREG(job.st.st_mode):
             self._index(t, pfd, node.name, node.key, new, job.st.st_nlink)
         self._link_aliases(node, t, pfd)
         return None
+
+    def _copied(self, node: Node, t: int) -> None:
+        """NODE's data now lives in branch T: forget what was known of the lower copy."""
+        node.branch = t
+        node.xattrs = None
+        if self.after_copy_up is not None:
+            self.after_copy_up(node)
 
     def _link_aliases(self, node: Node, t: int, pfd: int) -> None:
         """Other known names of a copied-up hard-linked file become links to the copy (pseudo-links)."""
@@ -264,8 +268,6 @@ class Union(MergedView):
             fd = self.finish_copy_up(node, job)
             if fd is not None:  # (callers reach files the kernel holds by their names)
                 os.close(fd)
-            if self.after_copy_up is not None:
-                self.after_copy_up(node)
 
     def _copy_up_name(self, parent: Node, name: bytes, p: Probe, t: int) -> Node:
         """Make the winner of a probed name exist in branch T; its node."""
