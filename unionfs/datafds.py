@@ -43,15 +43,10 @@ class DataFds:
             os.close(self._fds.popitem(last=False)[1][0])
 
     def current(self, node: Node) -> int | None:
-        """An open fd that surely holds NODE's current data, if there is one: pinned (its name
-        is gone) or writable (it is the copy). A read-only fd may be the lower file that a
-        copy-up made without the adapter (a directory moved with its files) left behind."""
-        entry = self._pinned.get(node.ino)
-        if entry is None:
-            entry = self._fds.get(node.ino)
-            if entry is None or not entry[1]:
-                return None
-        return entry[0]
+        """NODE's open data fd, if there is one (none is opened). It holds the current data:
+        every copy-up drops the fds of the lower file (see Union.after_copy_up)."""
+        entry = self._pinned.get(node.ino) or self._fds.get(node.ino)
+        return None if entry is None else entry[0]
 
     def writable(self, node: Node) -> int | None:
         for table in (self._pinned, self._fds):
