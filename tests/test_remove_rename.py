@@ -209,3 +209,21 @@ def test_files_read_before_their_directory_moved_show_later_changes(union):
         assert os.listxattr(union / "e" / "f") == ["user.after"]
     assert stat.S_IMODE(os.stat(union["up"] / "e" / "f").st_mode) == 0o600
     assert stat.S_IMODE(os.stat(union["low"] / "d" / "f").st_mode) == 0o644
+
+
+def test_open_file_survives_a_rename_over_it(union):
+    """POSIX: a file replaced by a rename stays readable through the fds open on it, also when
+    the kernel has to ask the daemon for its data again."""
+    (union["up"] / "dst").write_text("old upper file")
+    (union["low"] / "src").write_text("new")
+    union.mount()
+    with open(union / "dst") as f:  # (not read yet: the daemon has no fd of it)
+        os.rename(union / "src", union / "dst")
+        with open("/proc/sys/vm/drop_caches", "w") as caches:
+            caches.write("1")
+        f.seek(0)
+        assert f.read() == "old upper file"
+        assert (union / "dst").read_text() == "new"
+        assert os.fstat(f.fileno()).st_size == len("old upper file")
+    assert (union["up"] / "dst").read_text() == "new"
+    assert (union["low"] / "src").read_text() == "new"

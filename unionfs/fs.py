@@ -318,13 +318,6 @@ class UnionOperations(pyfuse3.Operations):
         await self._copy_up(node)
         return self.union.link(node, self._node(new_parent_inode), new_name)
 
-    def _pin_before_removal(self, parent: Node, name: bytes) -> None:
-        """A file the kernel knows may still be read after its name goes: keep its data open."""
-        node = self.union.live_child(parent, name)
-        if node is not None and not node.is_dir and node.lookups > 0 \
-                and self.union.branches[node.branch].writable:
-            self.data.pin(node)
-
     @_handler
     async def unlink(self, parent_inode, name, ctx):
         self.do_unlink(parent_inode, name)
@@ -352,10 +345,7 @@ class UnionOperations(pyfuse3.Operations):
                 await self._copy_up(node)
         except FileNotFoundError:
             pass
-        new_parent = self._node(parent_inode_new)
-        if not flags & pyfuse3.RENAME_EXCHANGE:
-            self._pin_before_removal(new_parent, name_new)
-        self.union.rename(old_parent, name_old, new_parent, name_new, flags)
+        self.union.rename(old_parent, name_old, self._node(parent_inode_new), name_new, flags)
 
     # ------------------------------------------------------------------ files
 

@@ -248,13 +248,6 @@ class MergedView:
         """Hook: the writable union redirects a name to an existing copy of its file."""
         return p
 
-    def live_child(self, parent: Node, name: bytes) -> Node | None:
-        """The node the kernel may hold for NAME in PARENT, if any (no new node is made)."""
-        if is_reserved(name) or len(name) > self.namemax:
-            return None
-        p = self.probe(parent, name)
-        return self.table.by_key.get(self._key(p.entries[0][1])) if p.entries else None
-
     def _location(self, node: Node) -> tuple[int, bytes]:
         """(directory fd in the node's branch, name) of the node's data."""
         parent = node.parent

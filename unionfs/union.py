@@ -35,8 +35,9 @@ class Union(MergedView):
         self.index: dict[Key, bytes] = {}
         # (dev, ino) of each copy -> how many names its lower file had (see attr_nlink)
         self.indexed: dict[Key, int] = {}
-        # called with a file's node just before its name goes from a writable branch while
-        # the kernel still holds it (it may read on: the adapter keeps the data open)
+        # called with a file's node just before its name goes from a writable branch (unlink,
+        # or a rename over it) while the kernel still holds it (it may read on: the adapter
+        # keeps the data open)
         self.before_unlink = None
         # called with every node copied up: fds the adapter holds of its lower data are stale
         self.after_copy_up = None
@@ -568,6 +569,9 @@ class Union(MergedView):
             self._empty_dir(nfd, new)
         if src.below(t):
             self._whiteout(ofd, old)  # before the move: a crash leaves both names, never lower data
+        if replaced is not None and replaced is not node and not replaced.is_dir \
+                and replaced.lookups > 0 and dst.entries[0][0] == t and self.before_unlink is not None:
+            self.before_unlink(replaced)  # the name it loses may have been its last
         syscalls.renameat2(ofd, old, nfd, new)
         if new_wh:
             self._clear_whiteout(nfd, new)
