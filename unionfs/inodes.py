@@ -90,8 +90,8 @@ class InodeTable:
             seed += 1
 
     def ino_of(self, key: Key) -> int:
-        """The inode number a node of KEY has, or would most likely get (for listings, which
-        create no nodes): the number a later lookup gives but after a hash collision."""
+        """The inode number a node of KEY has, or would get (for listings, which create no
+        nodes): what a later lookup gives, unless a hash collision happens in between."""
         node = self.by_key.get(key)
         if node is not None:
             return node.ino

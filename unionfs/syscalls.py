@@ -165,9 +165,9 @@ def _copy_range(src: int, dst: int, off: int, count: int) -> bool:
     """Copy COUNT bytes at OFF; True if the source ended before.
 
     copy_file_range where the two files' filesystems allow it (it may share blocks), else
-    sendfile: page cache to page cache, never through this process's memory (a 1 MiB buffer
-    per chunk made the copy fault in every page of it, slow in VMs whose host lends memory
-    lazily: a 512 MiB copy-up took 1.5 s instead of 0.25 s).
+    sendfile: page cache to page cache, never through this process's memory (a new 1 MiB
+    buffer per chunk was often several times slower in our VMs: a 512 MiB copy took 2.0 or
+    1.1 s where sendfile takes 0.2 s).
     """
     global _have_copy_file_range
     if _have_copy_file_range:
