@@ -88,3 +88,31 @@ def test_bad_option_is_one_line_and_touches_nothing(out):
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "--reps" in done.stderr
     assert not (out / "never").exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/loop-control"), reason="needs loop devices")
+def test_a_killed_runs_scratch_filesystem_is_dropped_by_the_next_run(out):
+    """What a killed run leaves (its scratch image on a loop device, mounted, a layer tree in
+    it) is unmounted, detached and deleted by the next run, which then cleans up after itself."""
+    image, root = out / "scratch.img", out / "scratch"
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    device = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    try:
+        root.mkdir()
+        subprocess.run(["mount", device, str(root)], check=True)
+        (root / "pyunion-0" / "upper").mkdir(parents=True)
+        done = run_bench("--profile", "tiny", "--systems", "native", "--workloads", "stat",
+                         "--reps", "1", "--out", str(out), "--no-install", "--no-chart",
+                         "--no-prefault")
+        assert done.returncode == 0, done.stderr
+        assert "no fresh filesystem" not in done.stderr
+        assert mounts_under(out) == []
+        assert not image.exists() and not root.exists()
+        held = subprocess.run(["losetup", "--noheadings", "--output", "BACK-FILE", device],
+                              capture_output=True, text=True).stdout
+        assert str(image) not in held, f"{device} still holds the old image"
+    finally:
+        subprocess.run(["losetup", "--detach", device], capture_output=True)
