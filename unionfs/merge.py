@@ -345,10 +345,11 @@ class MergedView:
         """Node and attributes for an entry listed in branch B, whose directory there is open
         as D (as a lookup would give, without probing); None if it is gone."""
         try:
-            st = os.stat(name, dir_fd=d, follow_symlinks=False) if d is not None else None
+            st = os.lstat(name, dir_fd=d) if d is not None else None
         except (FileNotFoundError, NotADirectoryError):
             st = None
-        if st is None or self._has_copy_elsewhere(b, st):  # changed meanwhile, or hard-linked
+        # (changed meanwhile, or a hard-linked file)
+        if st is None or (st.st_nlink > 1 and self._has_copy_elsewhere(b, st)):
             try:
                 return self.lookup(parent, name)
             except OSError as e:
@@ -356,13 +357,14 @@ class MergedView:
                     return None
                 raise
         k = (st.st_dev, st.st_ino)
-        key = self.origin.get(k, k)
-        node = self.table.by_key.get(key)
+        key = self.origin.get(k, k) if self.origin else k
+        table = self.table
+        node = table.by_key.get(key)
         is_dir = stat.S_ISDIR(st.st_mode)
         if node is None:  # the common case: a fresh node (directories work out layers later)
-            node = Node(self.table.ino_for(key), key, join(parent.path, name), b, is_dir)
+            node = Node(table.ino_for(key), key, join(parent.path, name), b, is_dir)
             node.parent = parent
-            self.table.add(node)
+            table.add(node)
             return node, st
         if is_dir and node.is_dir:
             return node, st
@@ -374,7 +376,8 @@ class MergedView:
         return st.st_nlink
 
     def _has_copy_elsewhere(self, b: int, st: os.stat_result) -> bool:
-        """Hook: whether a listed lower file was copied up under another of its names."""
+        """Hook: whether a listed lower file with more than one link was copied up under
+        another of its names."""
         return False
 
     def readlink(self, node: Node) -> bytes:

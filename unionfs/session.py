@@ -50,6 +50,8 @@ WANTED = (wire.ASYNC_READ | wire.BIG_WRITES | wire.AUTO_INVAL_DATA | wire.DO_REA
           | wire.HANDLE_KILLPRIV_V2)
 
 
+_PADS = [b"\0" * n for n in range(8)]  # what aligns a dirent's name to 8 bytes
+
 # where the first name of a request starts (for the debug log)
 _NAME_AT = {wire.LOOKUP: BODY, wire.UNLINK: BODY, wire.RMDIR: BODY, wire.SYMLINK: BODY,
             wire.REMOVEXATTR: BODY, wire.MKDIR: BODY + wire.MKDIR_IN.size,
@@ -576,18 +578,26 @@ class Session:
         pack = wire.DIRENTPLUS.pack
         fixed = wire.DIRENTPLUS.size
 
-        attr = self._attr
+        nlink = self._nlink
+        pads = _PADS
 
         def emit(name, node, st, next_id):
             nonlocal used
             namelen = len(name)
-            length = fixed + namelen + 7 & ~7
+            pad = -namelen & 7
+            length = fixed + namelen + pad
             if used + length > size:
                 return False
             ino = node.ino
-            parts.append(pack(ino, 0, es, as_, ens, ans, *attr(node, st), ino, next_id, namelen,
-                              (st.st_mode >> 12) & 0o17))
-            parts.append(name.ljust(length - fixed, b"\0"))
+            a, m, c = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+            mode = st.st_mode
+            # (the fields of _attr, inline: this runs once per entry listed)
+            parts.append(pack(ino, 0, es, as_, ens, ans, ino, st.st_size, st.st_blocks, a // NS,
+                              m // NS, c // NS, a % NS, m % NS, c % NS, mode, nlink(node, st),
+                              st.st_uid, st.st_gid, st.st_rdev & 0xFFFFFFFF, st.st_blksize, 0,
+                              ino, next_id, namelen, (mode >> 12) & 0o17))
+            parts.append(name)
+            parts.append(pads[pad])
             used += length
             if name != b"." and name != b"..":
                 taken.append(node)
