@@ -261,6 +261,11 @@ class UnionOperations(pyfuse3.Operations):
 
     async def change_attrs(self, node: Node, changes: dict) -> os.stat_result:
         """Apply attribute CHANGES (see Union.setattr), copying the node up first if due."""
+        if changes["mode"] is None and changes["uid"] is None and changes["gid"] is None \
+                and changes["size"] is None:
+            st = self.union.times_of_nameless(node, changes["atime_ns"], changes["mtime_ns"])
+            if st is not None:
+                return st
         await self._copy_up(node, changes["size"])
         return self.do_setattr(node, **changes)
 

@@ -20,6 +20,8 @@ from unionfs.whiteout import OPAQUE, is_internal_xattr, whiteout_name
 
 log = logging.getLogger(__name__)
 
+NS = 1_000_000_000
+
 __all__ = ["DirHandle", "Union"]
 
 
@@ -211,12 +213,7 @@ class Union(MergedView):
                 job.abort()
                 return None
             # the name must still show the entry we copied: not removed, not replaced
-            try:
-                p = self.probe(node.parent, node.name)
-                b, st = p.entries[0] if p.entries else (None, None)
-            except FileNotFoundError:
-                b = st = None
-            if b != node.branch or (st.st_dev, st.st_ino) != (job.st.st_dev, job.st.st_ino):
+            if not self._shows(node, job.st):
                 if not stat.S_ISREG(job.st.st_mode):
                     raise oserror(errno.ESTALE, node.path)
                 job.finish()
@@ -236,6 +233,44 @@ class Union(MergedView):
             self._index(t, pfd, node.name, node.key, new, job.st.st_nlink)
         self._link_aliases(node, t, pfd)
         return None
+
+    def _shows(self, node: Node, st: os.stat_result) -> bool:
+        """Whether NODE's name still shows the entry of NODE's branch that ST describes."""
+        try:
+            p = self.probe(node.parent, node.name)
+        except FileNotFoundError:
+            return False
+        if not p.entries:
+            return False
+        b, now = p.entries[0]
+        return b == node.branch and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+
+    def times_of_nameless(self, node: Node, atime_ns: int | None,
+                          mtime_ns: int | None) -> os.stat_result | None:
+        """Attributes of a lower file whose name went, with new times, without a copy-up.
+
+        Nothing can show the times of a file that has no name left once the kernel drops it,
+        and under the writeback cache the kernel sends them for every removed file it drops:
+        copying each one up to set them cost a copy of its data. (An fd still open on such
+        a file sees the new times while the kernel caches them.) None if NODE is not a lower
+        file whose name went.
+        """
+        if node.is_dir or node.parent is None or not self.needs_copy_up(node):
+            return None
+        try:
+            st = syscalls.lstat_at(self.dirs.get(node.branch, node.parent.path), node.name)
+        except OSError:
+            return None  # (its directory went too: the copy-up path says what is wrong)
+        if st is None or not stat.S_ISREG(st.st_mode) or self._shows(node, st):
+            return None
+        a = st.st_atime_ns if atime_ns is None else atime_ns
+        m = st.st_mtime_ns if mtime_ns is None else mtime_ns
+        return os.stat_result(
+            (st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid, st.st_size,
+             a // NS, m // NS, int(st.st_ctime)),
+            {"st_atime": a / NS, "st_mtime": m / NS, "st_ctime": st.st_ctime, "st_atime_ns": a,
+             "st_mtime_ns": m, "st_ctime_ns": st.st_ctime_ns, "st_blksize": st.st_blksize,
+             "st_blocks": st.st_blocks, "st_rdev": st.st_rdev})
 
     def _copied(self, node: Node, t: int) -> None:
         """NODE's data now lives in branch T: forget what was known of the lower copy."""
