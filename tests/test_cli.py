@@ -6,7 +6,7 @@ import tempfile
 
 import pytest
 
-from conftest import as_user, is_mounted, pyunion, tree
+from conftest import as_user, fuse_for_everyone, is_mounted, pyunion, tree
 
 
 def _fails(args, base, expect):
@@ -75,6 +75,8 @@ def test_unknown_option(dirs):
     ("logfile=", "logfile needs a value"),
     ("readdirplus=sometimes", "readdirplus: 'always' or 'auto'"),
     ("readdirplus=auto,noextras", "readdirplus=auto needs pyunion's own session"),
+    ("lowlatency,noextras", "lowlatency needs pyunion's own session"),
+    ("lowlatency,poll=0", "drop poll=0"),
 ])
 def test_bad_option_values(dirs, option, expect):
     _fails(["mount", "-o", option, f"{dirs}/a:{dirs}/b", dirs / "mnt"], dirs, expect)
@@ -130,3 +132,31 @@ def test_subcommand_help(command):
     assert r.stdout.startswith(f"usage: pyunion {command} ")
     if command == "mount":
         assert "readdirplus=always|auto" in r.stdout and "-f " in r.stdout
+
+
+def test_low_latency_needs_root(test_user):
+    """-o lowlatency asks the kernel to keep every CPU awake: an unprivileged user may not,
+    and is told so before anything is mounted."""
+    uid, gid = test_user
+    base = tempfile.mkdtemp(prefix="pyunion-lowlat-", dir="/tmp")
+    try:
+        for d in ("a", "b", "mnt"):
+            os.mkdir(os.path.join(base, d))
+            os.chown(os.path.join(base, d), uid, gid)
+        os.chmod(base, 0o755)
+        r, w = os.pipe()
+        with fuse_for_everyone():
+            def run():
+                res = pyunion("mount", "-o", "lowlatency", f"{base}/a:{base}/b", f"{base}/mnt")
+                os.write(w, f"{res.returncode}\n{res.stderr}".encode())
+
+            assert as_user(uid, gid, run) == 0
+        os.close(w)
+        code, err = os.read(r, 65536).decode().split("\n", 1)
+        os.close(r)
+        assert code != "0"
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "lowlatency" in lines[0] and "needs root" in lines[0], err
+        assert not is_mounted(f"{base}/mnt")
+    finally:
+        shutil.rmtree(base)

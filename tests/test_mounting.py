@@ -3,7 +3,9 @@
 import os
 import re
 import signal
+import struct
 import subprocess
+import sys
 import time
 
 import pytest
@@ -196,5 +198,51 @@ def test_mount_without_polling(union):
     assert sorted(os.listdir(union.mnt)) == ["d", "f"]
     assert (union / "f").read_text() == "lower+"
     assert (union["up"] / "d" / "g").read_text() == "new"
+    assert (union["low"] / "f").read_text() == "lower"
+    union.umount()
+
+
+def _cpu_latency_allowed() -> int:
+    """The kernel's CPU latency QoS now: the least wake-up latency any request asks for (µs)."""
+    fd = os.open("/dev/cpu_dma_latency", os.O_RDONLY)
+    try:
+        return struct.unpack("=i", os.read(fd, 4))[0]
+    finally:
+        os.close(fd)
+
+
+def test_low_latency_holds_its_request_only_while_requests_flow(union):
+    """-o lowlatency: while requests come close together the daemon asks the kernel to keep
+    idle CPUs awake (latency 0); once they stop it drops that request, so an idle mount
+    leaves the machine's power management alone. The union serves the same meanwhile."""
+    idle = _cpu_latency_allowed()
+    assert idle > 0, "another process holds a CPU latency request"
+    (union["low"] / "f").write_text("lower")
+    union.mount("lowlatency")
+    # (the kernel caches no xattr answers: each query is a request)
+    busy = subprocess.Popen([sys.executable, "-c", (
+        "import os, sys, time\n"
+        "end = time.monotonic() + 20\n"
+        "while time.monotonic() < end:\n"
+        "    try: os.getxattr(sys.argv[1], 'user.absent')\n"
+        "    except OSError: pass\n"), str(union / "f")])
+    try:
+        seen = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and 0 not in seen:
+            seen.append(_cpu_latency_allowed())
+            time.sleep(0.01)
+        assert 0 in seen, f"no request held while the mount was busy: {seen[-5:]}"
+        with open(union / "f", "a") as f:
+            f.write("+")
+        assert (union / "f").read_text() == "lower+"
+    finally:
+        busy.kill()
+        busy.wait()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _cpu_latency_allowed() != idle:
+        time.sleep(0.01)
+    assert _cpu_latency_allowed() == idle, "the request outlived the burst"
+    assert (union["up"] / "f").read_text() == "lower+"
     assert (union["low"] / "f").read_text() == "lower"
     union.umount()

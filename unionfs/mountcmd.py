@@ -43,6 +43,7 @@ class MountOptions:
     poll_us: float = 200.0  # the session's longest wait by polling (see Session._poll)
     opens: bool = False  # have the kernel send OPEN/OPENDIR, as old kernels do (diagnosis)
     plus_auto: bool = False  # readdirplus=auto: attributes with listings only when they are used
+    low_latency: bool = False  # keep idle CPUs polling while requests come close together
     logfile: str | None = None
     fsname: str = "pyunion"
     workdir: str | None = None
@@ -99,6 +100,8 @@ def parse_options(items: list[str]) -> MountOptions:
                 o.extras = False
             elif key == "opens" and not sep:
                 o.opens = True
+            elif key == "lowlatency" and not sep:
+                o.low_latency = True
             elif key == "readdirplus" and sep:
                 if value not in ("always", "auto"):
                     raise UsageError(f"option readdirplus: 'always' or 'auto', not {value!r}")
@@ -117,6 +120,10 @@ def parse_options(items: list[str]) -> MountOptions:
                 o.unknown.append(opt)
     if o.plus_auto and not o.extras:
         raise UsageError("option readdirplus=auto needs pyunion's own session: drop noextras")
+    if o.low_latency and not o.extras:
+        raise UsageError("option lowlatency needs pyunion's own session: drop noextras")
+    if o.low_latency and not o.poll_us:
+        raise UsageError("option lowlatency holds its request while the daemon polls: drop poll=0")
     return o
 
 
@@ -156,7 +163,7 @@ usage: pyunion mount [-o OPT[,OPT...]] [-f] [-d] BRANCHES MOUNTPOINT
   -d           log every request
   -o OPTIONS   ro, allow_other, nodefault_permissions, timeout=SEC, entry_timeout=SEC,
                attr_timeout=SEC, negative_timeout=SEC, writeback, volatile, poll=USEC,
-               readdirplus=always|auto, opens, noextras, logfile=PATH, fsname=NAME,
+               lowlatency, readdirplus=always|auto, opens, noextras, logfile=PATH, fsname=NAME,
                workdir=DIR, and the kernel flags nodev, nosuid, noexec, noatime, sync, ...
                (README.md says what each one does)
 """,
@@ -256,6 +263,14 @@ def mount(specs: list[BranchSpec], mountpoint: str, o: MountOptions, foreground:
     specs = check_branches(specs, mountpoint)
     workdir = _check_workdir(specs, o.workdir)
     _check_fuse_device()
+    if o.low_latency:
+        from unionfs.syscalls import CPU_LATENCY_QOS, CpuLatencyRequest
+
+        try:
+            CpuLatencyRequest.check()
+        except OSError as e:
+            raise UsageError(f"option lowlatency: cannot use {CPU_LATENCY_QOS}: "
+                             f"{e.strerror} (it needs root)") from None
     if foreground:
         return serve(specs, mountpoint, o, workdir, debug, ready=None)
     r, w = os.pipe()
@@ -351,7 +366,8 @@ def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: b
 
         fd = find_device_fd()
         if fd is not None:
-            session = Session(ops, fd, o.writeback, o.poll_us / 1e6, o.opens, o.plus_auto)
+            session = Session(ops, fd, o.writeback, o.poll_us / 1e6, o.opens, o.plus_auto,
+                              o.low_latency)
         else:
             log.info("no single /dev/fuse fd found: running on pyfuse3's request loop")
 
