@@ -14,7 +14,7 @@ from pathlib import Path
 from bench import report
 from bench.layers import PROFILES, LayerError, ensure_layers
 from bench.scratch import Scratch
-from bench.systems import SYSTEMS, MountError, SlowExit, System
+from bench.systems import DEFAULT_SYSTEMS, SYSTEMS, MountError, SlowExit, System
 from bench.workloads import SCENARIOS_BY_NAME, Scenario, environment, timed_steps
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,8 +36,9 @@ class Parser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = Parser(prog="python -m bench", description=__doc__)
-    p.add_argument("--systems", default=",".join(SYSTEMS),
-                   help=f"comma-separated, from {','.join(SYSTEMS)} (default: all)")
+    p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
+                   help=f"comma-separated, from {','.join(SYSTEMS)} "
+                        f"(default: {','.join(DEFAULT_SYSTEMS)})")
     p.add_argument("--workloads", default=",".join(SCENARIOS_BY_NAME),
                    help=f"comma-separated, from {','.join(SCENARIOS_BY_NAME)} (default: all)")
     p.add_argument("--reps", type=int, default=DEFAULT_REPS,

@@ -292,5 +292,19 @@ class Pyunion(_Fuse):
         return [*pyunion_command(), "umount", str(mnt)]
 
 
-SYSTEMS = {s.name: s for s in (Native(), KernelOverlay(), FuseOverlayfs(), UnionfsFuse(), Pyunion())}
+class PyunionLowLatency(Pyunion):
+    """pyunion -o lowlatency: idle CPUs kept from halting while requests flow (root only).
+    Not in the default run: it changes the machine's power management, which no peer does."""
+
+    name = "pyunion-lowlatency"
+    label = "pyunion -o lowlatency"
+
+    def argv(self, layers, top, upper, mnt):
+        argv = super().argv(layers, top, upper, mnt)
+        return [*argv[:-2], "-o", "lowlatency", *argv[-2:]]
+
+
+SYSTEMS = {s.name: s for s in (Native(), KernelOverlay(), FuseOverlayfs(), UnionfsFuse(), Pyunion(),
+                               PyunionLowLatency())}
+DEFAULT_SYSTEMS = [n for n in SYSTEMS if n != PyunionLowLatency.name]
 REFERENCE = "fuse-overlayfs"
