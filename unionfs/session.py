@@ -211,6 +211,8 @@ class Session:
                 served += 1
                 if self._tasks or served % CHECKPOINT_EVERY == 0:
                     await trio.lowlevel.checkpoint()
+            if self._latency is not None:
+                self._latency.release()
             nursery.cancel_scope.cancel()
 
     def _poll(self) -> int | None:

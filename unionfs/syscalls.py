@@ -2,7 +2,8 @@
 
 Every path the daemon touches inside a branch goes through here: directories are opened
 relative to a branch's root fd with symlinks refused, and single names are then used
-relative to such directory fds, so a symlink inside a branch is never followed.
+relative to such directory fds, so a symlink inside a branch is never followed. Also here:
+the data copy of copy-ups, and the CPU latency request of -o lowlatency.
 """
 
 import ctypes
