@@ -153,8 +153,8 @@ class Session:
         self.poll_max = poll_max
         self._window = min(POLL_MIN, poll_max)  # how long _poll() waits now
         self._poller = select.poll()
-        self._latency = syscalls.CpuLatencyRequest() if low_latency else None
         self._poller.register(fd, select.POLLIN)
+        self._latency = syscalls.CpuLatencyRequest() if low_latency else None
         self._caller = (0, 0, 0)
         self._entry_valid = _timeout(ops.entry_timeout)
         self._attr_valid = _timeout(ops.attr_timeout)
@@ -174,7 +174,8 @@ class Session:
             wire.LISTXATTR: self._listxattr, wire.REMOVEXATTR: self._removexattr,
             wire.FLUSH: self._unsupported, wire.OPENDIR: self._opendir,
             wire.READDIR: self._readdir, wire.READDIRPLUS: self._readdirplus,
-            wire.RELEASEDIR: self._releasedir, wire.FSYNCDIR: self._fsyncdir, wire.ACCESS: self._access, wire.CREATE: self._create,
+            wire.RELEASEDIR: self._releasedir, wire.FSYNCDIR: self._fsyncdir,
+            wire.ACCESS: self._access, wire.CREATE: self._create,
             wire.INTERRUPT: self._interrupt, wire.FALLOCATE: self._fallocate,
             wire.LSEEK: self._lseek,
         }
@@ -579,13 +580,18 @@ class Session:
         pack = wire.DIRENT.pack
         fixed = wire.DIRENT.size
 
+        pads = _PADS
+
         def emit(name, ino, kind, next_id):
             nonlocal used
-            length = fixed + len(name) + 7 & ~7
+            namelen = len(name)
+            pad = -namelen & 7
+            length = fixed + namelen + pad
             if used + length > size:
                 return False
-            parts.append(pack(ino, next_id, len(name), kind))
-            parts.append(name.ljust(length - fixed, b"\0"))
+            parts.append(pack(ino, next_id, namelen, kind))
+            parts.append(name)
+            parts.append(pads[pad])
             used += length
             return True
 

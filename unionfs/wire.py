@@ -61,8 +61,7 @@ _ATTR = "QQQqqqIIIIIIIIII"
 ENTRY_OUT = struct.Struct("=QQQQII" + _ATTR)  # nodeid generation entry_valid attr_valid (+nsec)
 ATTR_OUT = struct.Struct("=QII" + _ATTR)  # attr_valid attr_valid_nsec dummy
 DIRENT = struct.Struct("=QQII")  # ino off namelen type; then the name padded to 8 bytes
-# an entry_out, then a dirent (ino off namelen type), then the name padded to 8 bytes
-DIRENTPLUS = struct.Struct(ENTRY_OUT.format + "QQII")
+DIRENTPLUS = struct.Struct(ENTRY_OUT.format + DIRENT.format[1:])  # an entry_out, then a dirent
 OPEN_OUT = struct.Struct("=QII")  # fh open_flags padding
 WRITE_OUT = struct.Struct("=II")  # size padding
 XATTR_OUT = struct.Struct("=II")  # size padding
