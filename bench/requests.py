@@ -25,9 +25,7 @@ SETTLE = 0.3  # seconds for asynchronous requests (release, forget) to arrive af
 class DebugPyunion(Pyunion):
     """pyunion with -d: every request is logged."""
 
-    def argv(self, layers, top, upper, mnt):
-        argv = super().argv(layers, top, upper, mnt)
-        return [*argv[:-2], "-d", *argv[-2:]]
+    mount_args = ("-d",)
 
 
 def count_requests(log: Path, start: int) -> tuple[collections.Counter, int]:

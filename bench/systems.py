@@ -283,10 +283,11 @@ class UnionfsFuse(_Fuse):
 class Pyunion(_Fuse):
     name = "pyunion"
     label = "pyunion"
+    mount_args: tuple[str, ...] = ()  # what a variant adds to `pyunion mount -f`
 
     def argv(self, layers, top, upper, mnt):
         branches = f"{upper}=rw:{layers.app}=ro+wh:{layers.base}=ro+wh"
-        return [*pyunion_command(), "mount", "-f", branches, str(mnt)]
+        return [*pyunion_command(), "mount", "-f", *self.mount_args, branches, str(mnt)]
 
     def unmount_argv(self, mnt):
         return [*pyunion_command(), "umount", str(mnt)]
@@ -298,10 +299,7 @@ class PyunionLowLatency(Pyunion):
 
     name = "pyunion-lowlatency"
     label = "pyunion -o lowlatency"
-
-    def argv(self, layers, top, upper, mnt):
-        argv = super().argv(layers, top, upper, mnt)
-        return [*argv[:-2], "-o", "lowlatency", *argv[-2:]]
+    mount_args = ("-o", "lowlatency")
 
 
 SYSTEMS = {s.name: s for s in (Native(), KernelOverlay(), FuseOverlayfs(), UnionfsFuse(), Pyunion(),
