@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import PYUNION, is_mounted, pyunion
+from conftest import PYUNION, force_unmount, is_mounted, pyunion
 
 
 @pytest.fixture
@@ -173,7 +173,7 @@ def test_created_files_get_no_release(union, opens):
     union.mount(*(["opens"] if opens else []), debug=True)
     deadline = time.monotonic() + 5
     while not opens and "open" not in union.requests() and time.monotonic() < deadline:
-        time.sleep(0.05)  # (the daemon's opening runs in a thread as the mount starts)
+        time.sleep(0.05)  # (the daemon's probe opens it as the mount starts)
     for i in range(20):
         (union / f"new{i}").write_text("x")
     union.umount()
@@ -185,6 +185,40 @@ def test_created_files_get_no_release(union, opens):
         assert requests.count("open") == 1 and "release" not in requests
     assert sorted(p.name for p in union["up"].iterdir()) == sorted(f"new{i}" for i in range(20))
     assert os.listdir(union["low"]) == ["d"]
+
+
+def test_daemon_sends_no_request_to_its_own_mount(union):
+    """What the daemon asks of its own mount as it starts (the probe's OPEN; the read-ahead's
+    device number) comes from a child process or from mountinfo, never from one of its threads:
+    a thread waiting on a request the daemon has read keeps /dev/fuse open after a SIGKILL, and
+    the killed daemon and its mount then hang for good."""
+    (union["low"] / "d").mkdir()
+    (union["low"] / "d" / "f").write_text("lower")
+    union.mount(debug=True)
+    daemon = union.daemon_pid()
+    deadline = time.monotonic() + 5
+    while "open" not in union.requests() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    callers = {int(pid) for pid in re.findall(r"unionfs\.session: \w+\(.*\) from pid (\d+)$",
+                                               union.log.read_text(), re.M)}
+    assert "open" in union.requests() and callers
+    # (a thread that sent one would still be alive: trio keeps idle threads for seconds)
+    ours = {int(t) for t in os.listdir(f"/proc/{daemon}/task")}
+    assert not callers & ours, f"requests from the daemon's own threads {callers & ours}"
+    if os.geteuid() == 0:
+        st = os.stat(union.mnt)
+        ahead = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
+        assert open(ahead).read().strip() == "1024"
+    os.kill(daemon, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{daemon}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{daemon}"), "the killed daemon did not go away"
+    force_unmount(union.mnt)
+    assert not is_mounted(union.mnt)
+    assert (union["low"] / "d" / "f").read_text() == "lower"
+    union.check_log()
+    union.log.unlink()  # (a killed daemon logs no "unmounted": the fixture need not wait for it)
 
 
 def test_mount_without_polling(union):

@@ -100,6 +100,11 @@ class UnionOperations(pyfuse3.Operations):
         # without SELinux on the host, an absent SELinux label answers "not supported"
         # (see absent_xattr_errno)
         self.labels_unsupported = not os.path.exists(SELINUXFS)
+        # set as the kernel's INIT is answered: tasks waiting on it run once the mount is live
+        self.initialized = trio.Event()
+
+    def init(self) -> None:
+        self.initialized.set()
 
     # ------------------------------------------------------------------ helpers
 

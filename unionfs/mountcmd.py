@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from functools import partial
 
 from unionfs.branches import RO_WH, RW, BranchSpec, check_branches, parse_branches
 from unionfs.errors import UsageError
@@ -358,6 +357,7 @@ def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: b
         fuse_options.add("ro")
     if not o.extras:
         log.info("running on pyfuse3's own request loop and handlers (-o noextras)")
+    real_mountpoint = os.path.realpath(mountpoint)  # (resolved now: later it is our own mount)
     try:
         pyfuse3.init(ops, mountpoint, fuse_options)
     except RuntimeError:
@@ -373,7 +373,7 @@ def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: b
 
     session = None
     if o.extras:
-        from unionfs.session import Session, find_device_fd, show_no_open
+        from unionfs.session import Session, find_device_fd
 
         fd = find_device_fd()
         if fd is not None:
@@ -382,15 +382,12 @@ def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: b
         else:
             log.info("no single /dev/fuse fd found: running on pyfuse3's request loop")
 
+    probe = _start_probe(real_mountpoint) if session and not o.opens else None
+
     async def run():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, session.stop if session else pyfuse3.terminate)
-            # (abandoned at exit: it must not hold the daemon up if the mount is already gone)
-            nursery.start_soon(partial(trio.to_thread.run_sync, _raise_readahead, mountpoint,
-                                       abandon_on_cancel=True))
-            if session and not o.opens:
-                nursery.start_soon(partial(trio.to_thread.run_sync, show_no_open, mountpoint,
-                                           abandon_on_cancel=True))
+            nursery.start_soon(_raise_readahead_when_live, ops, real_mountpoint)
             await (session.serve() if session else pyfuse3.main())
             nursery.cancel_scope.cancel()
 
@@ -403,6 +400,8 @@ def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: b
         log.exception("the FUSE main loop failed")
         raise
     finally:
+        if probe is not None and probe.poll() is None:
+            probe.kill()  # (not waited for: the mount it may wait on is going away)
         pyfuse3.close(unmount=True)
         union.table.forget_all()
         union.close()
@@ -425,18 +424,37 @@ def _raise_fd_limit() -> None:
             log.debug("cannot raise the fd limit: %s", e)
 
 
+async def _raise_readahead_when_live(ops, mountpoint: str) -> None:
+    await ops.initialized.wait()  # (answering INIT sets the read-ahead: raise it after that)
+    _raise_readahead(mountpoint)
+
+
 def _raise_readahead(mountpoint: str) -> None:
     """Let sequential reads arrive as 1 MiB requests instead of the kernel's default 128 KiB.
 
-    Runs in a thread once the loop serves requests (the stat goes through our own mount).
+    The mount's device number comes from mountinfo: nothing here sends a request to the mount
+    (see unionfs.probe for why the daemon never does).
     """
+    device = _mount_device(mountpoint)
+    if device is None:
+        log.debug("cannot raise read-ahead: %s is not in mountinfo", mountpoint)
+        return
     try:
-        st = os.stat(mountpoint)
-        path = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
-        with open(path, "w") as f:
+        with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as f:
             f.write(str(READAHEAD_KB))
     except OSError as e:  # not root, or no sysfs: keep the default
         log.debug("cannot raise read-ahead: %s", e)
+
+
+def _start_probe(mountpoint: str) -> subprocess.Popen | None:
+    """Run unionfs.probe on the mount in a child process (never in one of our threads)."""
+    try:
+        return subprocess.Popen([sys.executable, "-m", "unionfs.probe", mountpoint],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, close_fds=True)
+    except OSError as e:
+        log.debug("cannot start the probe of the mount: %s", e)
+        return None
 
 
 async def _stop_on_signal(stop) -> None:
@@ -450,13 +468,21 @@ async def _stop_on_signal(stop) -> None:
 
 
 def _mounted(mountpoint: str) -> bool:
-    real = os.fsencode(os.path.realpath(mountpoint))
+    return _mount_device(os.path.realpath(mountpoint)) is not None
+
+
+def _mount_device(real_mountpoint: str) -> str | None:
+    """"MAJOR:MINOR" of the topmost mount on REAL_MOUNTPOINT (a resolved path), from
+    /proc/self/mountinfo; None if nothing is mounted there."""
+    real = os.fsencode(real_mountpoint)
+    found = None
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
-            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), line.split()[4])
+            fields = line.split()
+            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
             if point == real:
-                return True
-    return False
+                found = fields[2].decode()
+    return found
 
 
 def umount_main(argv: list[str]) -> int:

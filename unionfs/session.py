@@ -75,30 +75,6 @@ def _readlink(path: str) -> str | None:
         return None
 
 
-def show_no_open(mountpoint: str, budget: int = 32) -> None:
-    """Open one regular file of the mount, from a thread, so the kernel learns now that OPEN is
-    not needed: until it has sent one OPEN (answered ENOSYS), it also sends a RELEASE for every
-    created file (a tenth of the requests of unpacking a tarball). Looks at no more than BUDGET
-    directories; does nothing if it finds no file it may open."""
-    todo = [mountpoint]
-    while todo and budget > 0:
-        budget -= 1
-        try:
-            with os.scandir(todo.pop(0)) as entries:
-                for e in entries:
-                    if e.is_file(follow_symlinks=False):
-                        try:
-                            os.close(os.open(e.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
-                                             | os.O_NOCTTY | os.O_CLOEXEC))
-                            return
-                        except OSError:
-                            continue
-                    if e.is_dir(follow_symlinks=False):
-                        todo.append(e.path)
-        except OSError:
-            continue
-
-
 class Caller:
     """Who sent a request, for the adapter's handlers (pyfuse3's RequestContext fields)."""
 
@@ -271,7 +247,7 @@ class Session:
             log.error("request %d: %d bytes read, %d announced", unique, size, length)
         handler = self._handlers.get(opcode)
         if self.debug:
-            log.debug("%s", self._describe(opcode, nodeid, length))
+            log.debug("%s from pid %d", self._describe(opcode, nodeid, length), pid)
         if handler is None:
             if opcode not in wire.NO_REPLY:
                 self._error(unique, errno.ENOSYS)
