@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import subprocess
 import tempfile
 
 import pytest
@@ -89,6 +90,17 @@ def test_wrong_argument_count(dirs):
 
 def test_umount_not_mounted(dirs):
     _fails(["umount", dirs / "mnt"], dirs, "not mounted")
+
+
+def test_umount_refuses_other_mounts(dirs):
+    """`pyunion umount` unmounts pyunion mounts only: a tmpfs there stays, with its data."""
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", dirs / "mnt"], check=True)
+    try:
+        (dirs / "mnt" / "kept").write_text("data")
+        _fails(["umount", dirs / "mnt"], dirs, "is not a pyunion mount (it is tmpfs)")
+        assert (dirs / "mnt" / "kept").read_text() == "data"
+    finally:
+        subprocess.run(["umount", dirs / "mnt"], check=True)
 
 
 def _mount_as_user(user, fuse_mode, *opts) -> tuple[int, str]:

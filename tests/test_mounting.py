@@ -221,6 +221,37 @@ def test_daemon_sends_no_request_to_its_own_mount(union):
     union.log.unlink()  # (a killed daemon logs no "unmounted": the fixture need not wait for it)
 
 
+def test_umount_of_a_stopped_daemon(union):
+    """A daemon that answers nothing (here: stopped) does not hang `pyunion umount`: the daemon
+    is found from /proc, not asked; the mount goes at once, and the daemon exits once continued."""
+    (union["low"] / "f").write_text("lower")
+    union.mount(debug=True)
+    (union / "f").write_text("upper")
+    daemon = union.daemon_pid()
+    deadline = time.monotonic() + 5
+    while _children(daemon) and time.monotonic() < deadline:
+        time.sleep(0.05)  # (the probe: while it waits on the mount, the mount is busy)
+    os.kill(daemon, signal.SIGSTOP)
+    try:
+        r = pyunion("umount", union.mnt, timeout=30)
+    finally:
+        os.kill(daemon, signal.SIGCONT)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == f"pyunion: the daemon (pid {daemon}) is stopped; it exits once continued\n"
+    assert not is_mounted(union.mnt)
+    deadline = time.monotonic() + 10
+    while "unmounted" not in union.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "unmounted" in union.log.read_text()
+    assert (union["up"] / "f").read_text() == "upper"
+    assert (union["low"] / "f").read_text() == "lower"
+
+
+def _children(pid: int) -> list[str]:
+    return [c for t in os.listdir(f"/proc/{pid}/task")
+            for c in open(f"/proc/{pid}/task/{t}/children").read().split()]
+
+
 def test_mount_without_polling(union):
     """-o poll=0: the session sleeps between every two requests, and serves the same."""
     (union["low"] / "f").write_text("lower")

@@ -1,6 +1,5 @@
 """`pyunion mount|umount|refresh` and the mount-helper forms; the daemon's ordered lifecycle."""
 
-import errno
 import gc
 import logging
 import logging.handlers
@@ -467,13 +466,15 @@ async def _stop_on_signal(stop) -> None:
             return
 
 
-def _mounted(mountpoint: str) -> bool:
-    return _mount_device(os.path.realpath(mountpoint)) is not None
-
-
 def _mount_device(real_mountpoint: str) -> str | None:
-    """"MAJOR:MINOR" of the topmost mount on REAL_MOUNTPOINT (a resolved path), from
-    /proc/self/mountinfo; None if nothing is mounted there."""
+    """"MAJOR:MINOR" of the topmost mount on REAL_MOUNTPOINT (a resolved path), or None."""
+    entry = _mount_entry(real_mountpoint)
+    return entry[0] if entry else None
+
+
+def _mount_entry(real_mountpoint: str) -> tuple[str, str] | None:
+    """(device "MAJOR:MINOR", filesystem type) of the topmost mount on REAL_MOUNTPOINT (a
+    resolved path), from /proc/self/mountinfo; None if nothing is mounted there."""
     real = os.fsencode(real_mountpoint)
     found = None
     with open("/proc/self/mountinfo", "rb") as f:
@@ -481,43 +482,86 @@ def _mount_device(real_mountpoint: str) -> str | None:
             fields = line.split()
             point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
             if point == real:
-                found = fields[2].decode()
+                found = fields[2].decode(), fields[fields.index(b"-") + 1].decode()
     return found
+
+
+def _unentered_path(mountpoint: str) -> str:
+    """MOUNTPOINT as mountinfo names it, with only its parent resolved: resolving the last
+    name would stat the mount's root, which waits for ever on a hung daemon."""
+    head, tail = os.path.split(os.path.abspath(mountpoint))
+    return os.path.join(os.path.realpath(head), tail)
+
+
+def _daemon_pid(device: str) -> int | None:
+    """The process serving FUSE mount DEVICE ("0:N"): the one holding /dev/fuse connection N
+    (named in the fd's fdinfo since Linux 6.x). None if not found (or an older kernel)."""
+    connection = device.partition(":")[2].encode()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") != "/dev/fuse":
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
+                    info = f.read()
+            except OSError:
+                continue
+            if re.search(rb"^fuse_connection:\s*" + connection + rb"$", info, re.M):
+                return int(pid)
+    return None
 
 
 def umount_main(argv: list[str]) -> int:
     if len(argv) != 1 or argv[0].startswith("-"):
         raise UsageError("usage: pyunion umount MOUNTPOINT")
     mountpoint = argv[0]
-    if not os.path.isdir(mountpoint) and not os.path.exists(mountpoint):
-        raise UsageError(f"{mountpoint}: no such directory")
-    if not _mounted(mountpoint):
+    entry = _mount_entry(_unentered_path(mountpoint)) or _mount_entry(os.path.realpath(mountpoint))
+    if entry is None:
+        if not os.path.lexists(mountpoint):
+            raise UsageError(f"{mountpoint}: no such directory")
         raise UsageError(f"{mountpoint} is not mounted")
-    try:
-        pid = int(os.getxattr(mountpoint, "pyunion.pid"))
-    except (OSError, ValueError):
-        pid = None
+    device, fstype = entry
+    if fstype != "fuse.pyunion":
+        raise UsageError(f"{mountpoint} is not a pyunion mount (it is {fstype})")
+    # found without a request to the mount where the kernel tells: a hung daemon answers none
+    pid = _daemon_pid(device)
+    if pid is None:
+        try:
+            pid = int(os.getxattr(mountpoint, "pyunion.pid"))
+        except (OSError, ValueError):
+            pid = None
     tool = ["fusermount3", "-u"] if shutil.which("fusermount3") else ["umount"]
     res = subprocess.run([*tool, mountpoint], capture_output=True, text=True)
     if res.returncode != 0:
         lines = res.stderr.strip().splitlines()
         raise UsageError(lines[-1] if lines else f"{tool[0]} failed")
-    if pid is not None:  # wait for the daemon to finish its clean-up
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except OSError as e:
-                if e.errno == errno.ESRCH:
-                    break
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    if f.read().split(") ", 1)[1].startswith("Z"):
-                        break
-            except OSError:
-                break
-            time.sleep(0.02)
+    if pid is not None:
+        _wait_for_daemon(pid)
     return 0
+
+
+def _wait_for_daemon(pid: int, timeout: float = 10) -> None:
+    """Wait for the daemon to finish its clean-up and exit (not if it is stopped)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(") ", 1)[1][0]
+        except OSError:
+            return
+        if state == "Z":
+            return
+        if state in "tT":
+            print(f"pyunion: the daemon (pid {pid}) is stopped; it exits once continued",
+                  file=sys.stderr)
+            return
+        time.sleep(0.02)
 
 
 def refresh_main(argv: list[str]) -> int:
