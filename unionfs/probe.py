@@ -1,4 +1,4 @@
-"""What the daemon asks of its own mount, run as a child process: `python -m unionfs.probe MNT`.
+"""What the daemon asks of its own mount, run as a child process: `python probe.py MNT`.
 
 Never from a thread of the daemon: a thread blocked on a request the daemon has read keeps the
 daemon's /dev/fuse open after a SIGKILL, so the connection is never aborted and the process and
