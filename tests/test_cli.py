@@ -40,6 +40,22 @@ def test_branch_not_a_directory(dirs):
     _fails(["mount", f"{dirs}/a:{dirs}/file", dirs / "mnt"], dirs, "not a directory")
 
 
+def test_writable_branch_on_a_read_only_filesystem(dirs):
+    """The error names the branch, not the work area's name inside it."""
+    (dirs / "ro").mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", dirs / "ro"], check=True)
+    try:
+        _fails(["mount", f"{dirs}/ro:{dirs}/a", dirs / "mnt"], dirs,
+               f"branch {dirs}/ro: cannot make its work area .wh..wh.pyunion: Read-only file system")
+        assert not is_mounted(dirs / "mnt")
+        r = pyunion("mount", f"{dirs}/ro=ro:{dirs}/a", dirs / "mnt")  # read-only there: fine
+        assert r.returncode == 0, r.stderr
+        assert (dirs / "mnt" / "f").read_text() == "data"
+        assert pyunion("umount", dirs / "mnt").returncode == 0
+    finally:
+        subprocess.run(["umount", dirs / "ro"], check=True)
+
+
 def test_unknown_mode(dirs):
     _fails(["mount", f"{dirs}/a=rw:{dirs}/b=sideways", dirs / "mnt"], dirs, "sideways")
 
