@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import tarfile
 
@@ -218,6 +219,18 @@ def test_bare_directory_diff_rule(tmp_path, home):
     # with an image to compare against, the image decides
     out = pyunion("diff", str(d), "--image", "busy:1", home=home).stdout.decode()
     assert out == "C /etc\nA /etc/ssl\nD /etc/ssl/old.pem\nA /new\nA /new/f\nA /srv\nA /srv/x\n"
+
+
+def test_device_whiteouts_diff_as_deletions(tmp_path, home):
+    """A union hides lower names too long for `.wh.` whiteouts with 0/0 devices (as overlayfs
+    does everywhere): diff reads them as deletions, whatever the name's length."""
+    long = "L" * 253
+    d = tmp_path / "layer"
+    (d / "etc").mkdir(parents=True)
+    os.mknod(d / "etc" / long, stat.S_IFCHR, 0)
+    os.mknod(d / "etc" / "short", stat.S_IFCHR, 0)
+    out = pyunion("diff", str(d), home=home).stdout.decode()
+    assert out == f"C /etc\nD /etc/{long}\nD /etc/short\n"
 
 
 def test_container_contract_errors(tmp_path, home):

@@ -96,14 +96,22 @@ def test_permissions_enforced_by_kernel(shared_union, test_user):
     assert as_user(uid, gid, peek) != 0  # ...but not a file its mode forbids
 
 
-def test_statfs_lowers_namemax(union):
+def test_names_as_long_as_the_branch_allows(union):
+    """Names up to the branch's own limit work, lower ones included: those too long for a
+    `.wh.` whiteout get a device whiteout when removed (see test_remove_rename)."""
+    longest = "n" * os.statvfs(union["up"]).f_namemax
+    (union["low"] / longest).write_text("lower")
     union.mount()
-    assert os.statvfs(union.mnt).f_namemax == os.statvfs(union["up"]).f_namemax - 4
-    longest = "n" * os.statvfs(union.mnt).f_namemax
-    (union / longest).write_text("ok")
+    assert os.statvfs(union.mnt).f_namemax == os.statvfs(union["up"]).f_namemax
+    assert (union / longest).read_text() == "lower"
+    (union / longest).write_text("upper")
+    assert (union["up"] / longest).read_text() == "upper"
     with pytest.raises(OSError) as e:
         (union / (longest + "x")).write_text("no")
     assert e.value.errno == errno.ENAMETOOLONG
+    (union / longest).unlink()
+    assert os.listdir(union.mnt) == []
+    assert (union["low"] / longest).read_text() == "lower"
 
 
 def test_internal_xattrs_hidden(union):

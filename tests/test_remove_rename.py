@@ -263,3 +263,86 @@ def test_open_file_survives_a_rename_over_it(union):
         assert os.fstat(f.fileno()).st_size == len("old upper file")
     assert (union["up"] / "dst").read_text() == "new"
     assert (union["low"] / "src").read_text() == "new"
+
+
+LONG = b"L" * 253  # its .wh. whiteout would be 257 bytes: longer than a file name may be
+
+
+def _is_device_whiteout(path: bytes) -> bool:
+    st = os.lstat(path)
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def test_names_too_long_for_wh_whiteouts_get_device_whiteouts(union):
+    """A lower entry whose `.wh.` whiteout would be too long a name is hidden as kernel
+    overlayfs does it: a 0/0 character device of its own name in the upper branch."""
+    low, up, mnt = (os.fsencode(union[b]) for b in ("low", "up")), None, os.fsencode(union.mnt)
+    low, up = os.fsencode(union["low"]), os.fsencode(union["up"])
+    names = [LONG + b"f", LONG + b"c", LONG + b"d"]  # 254 bytes each
+    for n in names[:2]:
+        with open(low + b"/" + n, "wb") as f:
+            f.write(b"lower " + n[-1:])
+    os.mkdir(low + b"/" + names[2])
+    with open(low + b"/" + names[2] + b"/inner", "wb") as f:
+        f.write(b"in")
+    union.mount()
+    with open(mnt + b"/" + names[1], "ab") as f:  # copied up first: in both branches
+        f.write(b"+")
+    os.unlink(mnt + b"/" + names[0])
+    os.unlink(mnt + b"/" + names[1])
+    subprocess.run([b"rm", b"-r", mnt + b"/" + names[2]], check=True)
+    assert os.listdir(mnt) == []
+    for n in names:
+        assert not os.path.lexists(mnt + b"/" + n)
+        assert _is_device_whiteout(up + b"/" + n)
+    assert sorted(os.listdir(low)) == sorted(names)  # the lower branch as it was
+    assert open(low + b"/" + names[1], "rb").read() == b"lower c"
+    assert open(low + b"/" + names[2] + b"/inner", "rb").read() == b"in"
+    union.remount()
+    assert os.listdir(mnt) == []
+    with open(mnt + b"/" + names[0], "wb") as f:  # the name again: the device makes way
+        f.write(b"new")
+    os.mkdir(mnt + b"/" + names[2])  # a new directory: none of the lower one shows through
+    assert sorted(os.listdir(mnt)) == sorted([names[0], names[2]])
+    assert os.listdir(mnt + b"/" + names[2]) == []
+    assert open(up + b"/" + names[0], "rb").read() == b"new"
+    assert _is_device_whiteout(up + b"/" + names[1])
+
+
+def test_renaming_a_name_too_long_for_wh_whiteouts(union):
+    """Moving a long-named lower file leaves a device whiteout at its old name; a directory
+    can then be moved onto that name."""
+    low, up, mnt = os.fsencode(union["low"]), os.fsencode(union["up"]), os.fsencode(union.mnt)
+    with open(low + b"/" + LONG, "wb") as f:
+        f.write(b"lower")
+    os.mkdir(low + b"/d")
+    union.mount()
+    os.rename(mnt + b"/" + LONG, mnt + b"/short")
+    assert sorted(os.listdir(mnt)) == [b"d", b"short"]
+    assert open(mnt + b"/short", "rb").read() == b"lower"
+    assert _is_device_whiteout(up + b"/" + LONG)
+    os.rename(mnt + b"/d", mnt + b"/" + LONG)
+    assert sorted(os.listdir(mnt)) == sorted([LONG, b"short"])
+    assert stat.S_ISDIR(os.lstat(up + b"/" + LONG).st_mode)
+    assert sorted(os.listdir(low)) == sorted([LONG, b"d"])
+    assert open(low + b"/" + LONG, "rb").read() == b"lower"
+
+
+
+def test_new_entries_replace_device_whiteouts_in_the_writable_branch(union):
+    """An overlayfs upper layer used as the rw branch hides names with 0/0 devices: a new
+    file, directory or symlink of such a name takes its place (a new directory opaque)."""
+    for n in ("f", "d", "s"):
+        (union["low"] / n).mkdir()
+        (union["low"] / n / "old").write_text("lower")
+        os.mknod(union["up"] / n, stat.S_IFCHR, 0)
+    union.mount()
+    assert os.listdir(union.mnt) == []
+    (union / "f").write_text("new")
+    (union / "d").mkdir()
+    (union / "s").symlink_to("f")
+    assert sorted(os.listdir(union.mnt)) == ["d", "f", "s"]
+    assert (union / "s").read_text() == "new"
+    assert os.listdir(union / "d") == []
+    assert (union["up"] / "f").read_text() == "new"
+    assert (union["low"] / "d" / "old").read_text() == "lower"

@@ -21,13 +21,13 @@ from unionfs.whiteout import (
     OPAQUE,
     OPAQUE_XATTRS,
     WH_PREFIX,
+    fits_whiteout,
     is_internal_xattr,
     is_reserved,
     whited_out,
     whiteout_name,
 )
 
-WHITEOUT_LEN = len(whiteout_name(b""))
 DT_DIR, DT_REG, DT_LNK = stat.S_IFDIR >> 12, stat.S_IFREG >> 12, stat.S_IFLNK >> 12
 Listed = tuple[bytes, int, Key, int]  # a listed entry: name, branch, key, d_type (see listdir)
 NO_XATTRS: tuple[bytes, ...] = ()
@@ -94,7 +94,7 @@ class MergedView:
         self.table = InodeTable(root)
         self._root_layers(root)
         base = os.statvfs(self.branches[self.top_rw if self.top_rw is not None else 0].fd)
-        self.namemax = max(1, base.f_namemax - WHITEOUT_LEN)
+        self.namemax = base.f_namemax  # (names too long for .wh. whiteouts get device ones)
 
     def close(self) -> None:
         if hasattr(self, "dirs"):
@@ -176,7 +176,8 @@ class MergedView:
                         result.stop = b if len(result.entries) == 1 else b - 1
                 if not merging and not full:
                     break
-            if br.honours_whiteouts and syscalls.exists_at(dfd, whiteout_name(name)):
+            if br.honours_whiteouts and fits_whiteout(name) \
+                    and syscalls.exists_at(dfd, whiteout_name(name)):
                 if merging:
                     result.stop = b
                 break

@@ -16,7 +16,7 @@ from unionfs.copyup import CopyJob, temp_name
 from unionfs.inodes import ROOT_INO, Key, Node, join
 from unionfs.layers import remove_tree_at
 from unionfs.merge import DT_DIR, DirHandle, MergedView, Probe, oserror
-from unionfs.whiteout import OPAQUE, is_internal_xattr, whiteout_name
+from unionfs.whiteout import OPAQUE, fits_whiteout, is_internal_xattr, whiteout_name
 
 log = logging.getLogger(__name__)
 
@@ -134,21 +134,35 @@ class Union(MergedView):
         node.branch = node.layers[0]
         return fd
 
-    def _whiteout(self, dfd: int, name: bytes) -> None:
+    def _whiteout(self, t: int, dfd: int, name: bytes) -> None:
+        """Hide NAME below directory DFD of branch T: a `.wh.NAME` file, or where that name
+        would be too long, overlayfs' form, a 0/0 character device named NAME. The device is
+        made in the work area and renamed into place: over a file of that name in T, it
+        replaces it at once (callers remove a directory of that name first)."""
+        if fits_whiteout(name):
+            try:
+                os.close(os.open(whiteout_name(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                                 | os.O_CLOEXEC, 0o600, dir_fd=dfd))
+            except FileExistsError:
+                pass
+            return
+        work, tmp = self.branches[t].work_fd, temp_name()
+        os.mknod(tmp, stat.S_IFCHR, 0, dir_fd=work)  # (no CAP_MKNOD needed for 0/0, Linux 5.8+)
         try:
-            os.close(os.open(whiteout_name(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                             0o600, dir_fd=dfd))
-        except FileExistsError:
-            pass
+            syscalls.renameat2(work, tmp, dfd, name)
+        except BaseException:
+            os.unlink(tmp, dir_fd=work)
+            raise
 
     def _clear_whiteout(self, dfd: int, name: bytes) -> bool:
         """Remove a whiteout of NAME in directory DFD of a writable branch; whether one was there."""
         found = False
-        try:
-            os.unlink(whiteout_name(name), dir_fd=dfd)
-            found = True
-        except FileNotFoundError:
-            pass
+        if fits_whiteout(name):
+            try:
+                os.unlink(whiteout_name(name), dir_fd=dfd)
+                found = True
+            except FileNotFoundError:
+                pass
         st = syscalls.lstat_at(dfd, name)
         if st is not None and syscalls.is_overlay_whiteout(st):
             os.unlink(name, dir_fd=dfd)
@@ -156,7 +170,7 @@ class Union(MergedView):
         return found
 
     def _has_whiteout(self, dfd: int, name: bytes) -> bool:
-        if syscalls.exists_at(dfd, whiteout_name(name)):
+        if fits_whiteout(name) and syscalls.exists_at(dfd, whiteout_name(name)):
             return True
         st = syscalls.lstat_at(dfd, name)
         return st is not None and syscalls.is_overlay_whiteout(st)
@@ -363,7 +377,14 @@ class Union(MergedView):
         if p.stop < t:
             raise oserror(errno.EROFS, name)
         pfd = self.ensure_dir(t, parent)
-        return t, pfd, self._has_whiteout(pfd, name)
+        wh = self._has_whiteout(pfd, name)
+        if wh:
+            st = syscalls.lstat_at(pfd, name)
+            if st is not None and syscalls.is_overlay_whiteout(st):
+                # a device whiteout holds the very name: it goes first (a crash before the
+                # new entry is made shows the lower entry again, never a half-made one)
+                os.unlink(name, dir_fd=pfd)
+        return t, pfd, wh
 
     def _new_node(self, parent: Node, name: bytes, pfd: int) -> tuple[Node, os.stat_result]:
         st = syscalls.lstat_at(pfd, name)
@@ -508,21 +529,26 @@ class Union(MergedView):
             self.dirs.forget(join(parent.path, name))  # its fds, and those of what was below it
         if self.branches[b].writable:
             dfd = self.dirs.get(b, parent.path)
-            if p.below(b):
-                self._whiteout(dfd, name)  # first: a crash leaves the entry, never lower data
+            hide = p.below(b)
+            # the whiteout first: a crash leaves the entry, never lower data; a device
+            # whiteout (see _whiteout) takes the entry's own name, so it comes after
+            if hide and fits_whiteout(name):
+                self._whiteout(b, dfd, name)
             if is_dir:
                 remove_tree_at(dfd, name)  # only whiteouts and markers are left in it
-            else:
-                if node is not None and node.lookups > 0 and self.before_unlink is not None:
-                    self.before_unlink(node)
+            elif node is not None and node.lookups > 0 and self.before_unlink is not None:
+                self.before_unlink(node)
+            if hide and not fits_whiteout(name):
+                self._whiteout(b, dfd, name)  # (over a file: replaces it at once)
+            elif not is_dir:
                 os.unlink(name, dir_fd=dfd)
-                if st.st_nlink <= 1:
-                    self.origin.pop((st.st_dev, st.st_ino), None)
-                    if node is not None and not node.aliases:
-                        self.table.rekey(node, (-1, node.ino))
+            if not is_dir and st.st_nlink <= 1:
+                self.origin.pop((st.st_dev, st.st_ino), None)
+                if node is not None and not node.aliases:
+                    self.table.rekey(node, (-1, node.ino))
         else:
             t = self._target(parent)
-            self._whiteout(self.ensure_dir(t, parent), name)
+            self._whiteout(t, self.ensure_dir(t, parent), name)
         self._forget_name(parent, name, node)
 
     def unlink(self, parent: Node, name: bytes) -> None:
@@ -602,12 +628,18 @@ class Union(MergedView):
         dst_st = syscalls.lstat_at(nfd, new)
         if dst_st is not None and stat.S_ISDIR(dst_st.st_mode):
             self._empty_dir(nfd, new)
-        if src.below(t):
-            self._whiteout(ofd, old)  # before the move: a crash leaves both names, never lower data
+        elif dst_st is not None and node.is_dir and syscalls.is_overlay_whiteout(dst_st):
+            os.unlink(new, dir_fd=nfd)  # (a directory cannot be renamed over a device whiteout)
+        # the whiteout before the move: a crash leaves both names, never lower data (a device
+        # whiteout takes the moved entry's own name: after it)
+        if src.below(t) and fits_whiteout(old):
+            self._whiteout(t, ofd, old)
         if replaced is not None and replaced is not node and not replaced.is_dir \
                 and replaced.lookups > 0 and dst.entries[0][0] == t and self.before_unlink is not None:
             self.before_unlink(replaced)  # the name it loses may have been its last
         syscalls.renameat2(ofd, old, nfd, new)
+        if src.below(t) and not fits_whiteout(old):
+            self._whiteout(t, ofd, old)
         if new_wh:
             self._clear_whiteout(nfd, new)
         self.dirs.forget(old_path)

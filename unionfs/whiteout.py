@@ -11,9 +11,17 @@ INTERNAL_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.", b"trusted.pyun
 CONTROL_XATTR = b"pyunion.refresh"
 
 
+NAME_MAX = 255  # the longest file name of Linux filesystems
+
+
 def whiteout_name(name: bytes) -> bytes:
     """The whiteout that hides NAME in the branches below."""
     return WH_PREFIX + name
+
+
+def fits_whiteout(name: bytes) -> bool:
+    """Whether NAME's `.wh.` whiteout is a legal file name (else overlayfs' form is used)."""
+    return len(name) + len(WH_PREFIX) <= NAME_MAX
 
 
 def is_reserved(name: bytes) -> bool:
