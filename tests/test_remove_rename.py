@@ -182,6 +182,32 @@ def test_rename_exchange(union):
     assert (union / "d").read_text() == "A" and os.listdir(union / "a") == ["inner"]
 
 
+def test_rename_exchange_of_two_directories_the_kernel_knows(union):
+    """Both subtrees change places, also for the inodes the kernel already holds: each child
+    is found, read, changed and created under its new path (found by the differential test:
+    both subtrees ended up under the first directory's old path)."""
+    for d, sub in (("p", "x"), ("q", "y")):
+        (union["low"] / d / sub).mkdir(parents=True)
+        (union["low"] / d / sub / "f").write_text(d)
+    union.mount()
+    for d, sub in (("p", "x"), ("q", "y")):  # the kernel looks them all up first
+        assert (union / d / sub / "f").read_text() == d
+    renameat2(union / "p", union / "q", RENAME_EXCHANGE)
+    assert (union / "q" / "x" / "f").read_text() == "p"
+    assert (union / "p" / "y" / "f").read_text() == "q"
+    (union / "q" / "x" / "f").write_text("changed p")
+    (union / "p" / "y" / "new").write_text("new in q")
+    os.setxattr(union / "p" / "y" / "f", "user.k", b"v")
+    assert sorted(os.listdir(union / "q" / "x")) == ["f"]
+    assert sorted(os.listdir(union / "p" / "y")) == ["f", "new"]
+    union.remount()
+    assert (union / "q" / "x" / "f").read_text() == "changed p"
+    assert (union / "p" / "y" / "new").read_text() == "new in q"
+    assert os.getxattr(union / "p" / "y" / "f", "user.k") == b"v"
+    assert (union["low"] / "p" / "x" / "f").read_text() == "p"  # the lower branch as it was
+    assert (union["low"] / "q" / "y" / "f").read_text() == "q"
+
+
 def test_rename_over_non_empty_directory_fails(union):
     (union["low"] / "a").mkdir()
     (union["low"] / "b").mkdir()

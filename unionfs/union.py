@@ -615,8 +615,12 @@ class Union(MergedView):
             syscalls.renameat2(ofd, old, nfd, new, syscalls.RENAME_EXCHANGE)
             self.dirs.forget(old_path)
             self.dirs.forget(new_path)
-            self._move_node(node, old_path, new_path, new_parent)
+            # one subtree at a time, through a path no entry can have: moved straight across,
+            # NODE's descendants would be moved back with OTHER's
+            parking = b"\0exchange"
+            self._move_node(node, old_path, parking, new_parent)
             self._move_node(other, new_path, old_path, old_parent)
+            self._move_node(node, parking, new_path, new_parent)
             return
 
         replaced = None
