@@ -1,6 +1,7 @@
 """Differential test: random operations on pyunion and on kernel overlayfs over the same layers
 must give the same merged view, contents and error numbers."""
 
+import ctypes
 import errno
 import os
 import random
@@ -10,6 +11,9 @@ import subprocess
 import pytest
 
 from conftest import force_unmount, is_mounted
+from unionfs.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 NAMES = ["a", "b", "c", "d1", "d2", "sub", "L" * 254]  # (too long a name for a .wh. whiteout)
 
@@ -58,7 +62,9 @@ def _path(rnd, existing):
 
 def _op(rnd, existing):
     kind = rnd.choice(["write", "append", "read", "unlink", "mkdir", "rmdir", "rename", "rename",
-                       "chmod", "symlink", "link", "truncate", "listdir", "stat"])
+                       "chmod", "symlink", "link", "truncate", "listdir", "stat",
+                       "setxattr", "getxattr", "removexattr", "listxattr", "exchange",
+                       "noreplace"])
     return kind, _path(rnd, existing), _path(rnd, existing), rnd.randint(0, 9999)
 
 
@@ -93,12 +99,30 @@ def _apply(root, op):
             os.truncate(a, n % 7)
         elif kind == "listdir":
             return ("ok", sorted(os.listdir(a)))
+        elif kind in ("exchange", "noreplace"):
+            flags = RENAME_EXCHANGE if kind == "exchange" else RENAME_NOREPLACE
+            if _libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), ctypes.c_uint(flags)):
+                e = ctypes.get_errno()
+                raise OSError(e, os.strerror(e))
+        elif kind == "setxattr":
+            os.setxattr(a, f"user.k{n % 3}", b"v%d" % n, follow_symlinks=False)
+        elif kind == "getxattr":
+            return ("ok", os.getxattr(a, f"user.k{n % 3}", follow_symlinks=False))
+        elif kind == "removexattr":
+            os.removexattr(a, f"user.k{n % 3}", follow_symlinks=False)
+        elif kind == "listxattr":
+            return ("ok", _user_xattrs(a))
         elif kind == "stat":
             st = os.lstat(a)
             return ("ok", stat.S_IFMT(st.st_mode), st.st_size if not stat.S_ISDIR(st.st_mode) else 0)
         return ("ok",)
     except OSError as e:
         return ("err", errno.errorcode.get(e.errno, e.errno))
+
+
+def _user_xattrs(path):
+    return sorted((k, os.getxattr(path, k, follow_symlinks=False))
+                  for k in os.listxattr(path, follow_symlinks=False) if k.startswith("user."))
 
 
 def _snapshot(root):
@@ -111,10 +135,10 @@ def _snapshot(root):
             if stat.S_ISLNK(st.st_mode):
                 out[rel] = ("link", os.readlink(p))
             elif stat.S_ISDIR(st.st_mode):
-                out[rel] = ("dir", stat.S_IMODE(st.st_mode))
+                out[rel] = ("dir", stat.S_IMODE(st.st_mode), _user_xattrs(p))
             else:
                 with open(p, "rb") as f:
-                    out[rel] = ("file", stat.S_IMODE(st.st_mode), f.read())
+                    out[rel] = ("file", stat.S_IMODE(st.st_mode), f.read(), _user_xattrs(p))
     return out
 
 
