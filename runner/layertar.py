@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from runner.layerview import LayerView
 from unionfs.layers import remove_tree_at
 from unionfs.syscalls import open_beneath
+from unionfs.whiteout import META_PREFIX, WH_PREFIX, fits_whiteout
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 CHUNK = 1 << 20
@@ -141,10 +142,20 @@ class Extractor:
                 raise LayerError(f"entry {m.name!r}: the layer root must be a directory")
             self.dirs[()] = m
             return
+        device_whiteout = False
         if m.ischr() and m.devmajor == 0 and m.devminor == 0:
-            parts = parts[:-1] + [b".wh." + parts[-1]]  # overlayfs whiteout -> OCI whiteout
-            m = tarfile.TarInfo(os.fsdecode(b"/".join(parts)))
-            m.mode, m.mtime = 0o600, 0
+            if fits_whiteout(parts[-1]):  # overlayfs whiteout -> OCI whiteout
+                parts = parts[:-1] + [WH_PREFIX + parts[-1]]
+                m = tarfile.TarInfo(os.fsdecode(b"/".join(parts)))
+                m.mode, m.mtime = 0o600, 0
+            else:
+                device_whiteout = True
+        elif m.isreg() and parts[-1].startswith(WH_PREFIX) and not parts[-1].startswith(META_PREFIX) \
+                and not fits_whiteout(parts[-1][len(WH_PREFIX):]):
+            # an OCI whiteout too long for a file name: kept as overlayfs' form (as the union
+            # makes them), a 0/0 device of the hidden name
+            parts = parts[:-1] + [parts[-1][len(WH_PREFIX):]]
+            device_whiteout = True
         self._check_lower(parts, m.name)
         pfd = self._parent(parts, m.name)
         name = parts[-1]
@@ -158,7 +169,9 @@ class Extractor:
                 key = tuple(parts)
                 for k in [k for k in self.dirs if k[: len(key)] == key]:
                     del self.dirs[k]
-            if m.isdir():
+            if device_whiteout:
+                os.mknod(name, stat.S_IFCHR, 0, dir_fd=pfd)  # (no CAP_MKNOD needed, Linux 5.8+)
+            elif m.isdir():
                 if old is None or not stat.S_ISDIR(old.st_mode):
                     os.mkdir(name, 0o700, dir_fd=pfd)
                 self.dirs[tuple(parts)] = m

@@ -9,7 +9,7 @@ import os
 import stat
 
 from unionfs.syscalls import is_overlay_whiteout as is_whiteout_device
-from unionfs.whiteout import OPAQUE, OPAQUE_XATTRS
+from unionfs.whiteout import OPAQUE, OPAQUE_XATTRS, fits_whiteout
 from unionfs.whiteout import WH_PREFIX as WH
 
 __all__ = ["OPAQUE", "WH", "LayerView", "has_opaque_xattr", "is_opaque", "is_whiteout_device"]
@@ -51,7 +51,7 @@ class LayerView:
         found = []
         name = parts[-1]
         for d in parents or []:
-            if _lstat(os.path.join(d, WH + name)) is not None:
+            if fits_whiteout(name) and _lstat(os.path.join(d, WH + name)) is not None:
                 break
             path = os.path.join(d, name)
             st = _lstat(path)

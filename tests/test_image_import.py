@@ -11,6 +11,7 @@ from test_image_builders import (
     config_for,
     inspect,
     layer_tar,
+    mounted,
     one_line_error,
     pyunion,
     sha,
@@ -140,6 +141,29 @@ def test_gzip_docker_save_and_shared_layers(tmp_path, home):
     assert remaining == sorted(x[7:] for x in inspect(home, "two:1")["RootFS"]["Layers"])
     pyunion("image", "rm", "two:1", home=home)
     assert store_is_empty(home)
+
+
+def test_whiteouts_too_long_for_a_file_name_are_stored_as_devices(tmp_path, home):
+    """`.wh.` + a 253-byte name is too long for a file name: such a whiteout is stored as a
+    0/0 device of the hidden name (as the union makes them), and hides that name in a mount
+    of the image's layers; a short one stays a `.wh.` file."""
+    long = "L" * 253
+    base = layer_tar([("dir", "d"), ("file", f"d/{long}", "lower"), ("file", "d/short", "s"),
+                      ("file", "d/kept", "k"), ("dir", f"e/{long}"), ("file", f"e/{long}/old", "o")])
+    top = layer_tar([("dir", "d"), ("file", f"d/.wh.{long}", ""), ("file", "d/.wh.short", ""),
+                     ("file", f"e/{long}/new", "n")])
+    archive = str(tmp_path / "img.tar")
+    write_docker_save(archive, [([base, top], config_for([base, top]), ["wh:1"])])
+    pyunion("image", "import", archive, home=home)
+    base_dir, top_dir = (layer_dir(home, sha(x)) for x in (base, top))
+    st = os.lstat(os.path.join(top_dir, "d", long))
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+    assert os.path.isfile(os.path.join(top_dir, "d", ".wh.short"))
+    assert open(os.path.join(base_dir, "d", long)).read() == "lower"
+    (tmp_path / "up").mkdir()
+    with mounted(str(tmp_path / "up"), [top_dir, base_dir], str(tmp_path / "mnt")) as mnt:
+        assert os.listdir(os.path.join(mnt, "d")) == ["kept"]
+        assert sorted(os.listdir(os.path.join(mnt, "e", long))) == ["new", "old"]
 
 
 def test_corrupt_layer_leaves_nothing(tmp_path, home):
