@@ -64,7 +64,7 @@ def _op(rnd, existing):
     kind = rnd.choice(["write", "append", "read", "unlink", "mkdir", "rmdir", "rename", "rename",
                        "chmod", "symlink", "link", "truncate", "listdir", "stat",
                        "setxattr", "getxattr", "removexattr", "listxattr", "exchange",
-                       "noreplace"])
+                       "noreplace", "utime", "chown"])
     return kind, _path(rnd, existing), _path(rnd, existing), rnd.randint(0, 9999)
 
 
@@ -104,6 +104,14 @@ def _apply(root, op):
             if _libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), ctypes.c_uint(flags)):
                 e = ctypes.get_errno()
                 raise OSError(e, os.strerror(e))
+        elif kind == "utime":
+            os.utime(a, ns=(n * 10**9 + 1, n * 10**9 + 2), follow_symlinks=False)
+            st = os.lstat(a)
+            return ("ok", st.st_atime_ns, st.st_mtime_ns)
+        elif kind == "chown":
+            os.chown(a, n % 5, n % 7, follow_symlinks=False)
+            st = os.lstat(a)
+            return ("ok", st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
         elif kind == "setxattr":
             os.setxattr(a, f"user.k{n % 3}", b"v%d" % n, follow_symlinks=False)
         elif kind == "getxattr":
