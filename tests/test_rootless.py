@@ -1,6 +1,7 @@
 """The union mounted by an unprivileged user (FUSE through fusermount3), as rootless users run it."""
 
 import os
+import stat
 import subprocess
 from pathlib import Path
 
@@ -17,6 +18,8 @@ def test_unprivileged_user_mounts_and_writes(tmp_path, test_user):
     (base / "low" / "f").write_text("lower")
     (base / "low" / "d" / "g").write_text("g")
     (base / "low" / "gone").write_text("x")
+    long = "L" * 253  # too long for a .wh. whiteout: hidden with a 0/0 device (no CAP_MKNOD)
+    (base / "low" / long).write_text("x")
     for p in [base, *base.rglob("*")]:
         os.chown(p, uid, gid)
     os.chown(base / "low" / "gone", 0, 0)  # not the user's: its copy-up cannot keep the owner
@@ -30,6 +33,7 @@ def test_unprivileged_user_mounts_and_writes(tmp_path, test_user):
             with open(base / "mnt" / "f", "a") as f:
                 f.write("+user")
             os.unlink(base / "mnt" / "gone")
+            os.unlink(base / "mnt" / long)
             os.rename(base / "mnt" / "d", base / "mnt" / "e")
             os.mkdir(base / "mnt" / "new")
             assert sorted(os.listdir(base / "mnt")) == ["e", "f", "new"]
@@ -40,6 +44,8 @@ def test_unprivileged_user_mounts_and_writes(tmp_path, test_user):
         assert as_user(uid, gid, session) == 0
     assert (base / "up" / "f").read_text() == "lower+user"
     assert (base / "up" / ".wh.gone").exists() and (base / "low" / "gone").exists()
+    st = os.lstat(base / "up" / long)
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0 and (base / "low" / long).exists()
     assert (base / "up" / "e" / "g").read_text() == "g" and (base / "up" / ".wh.d").exists()
     assert os.stat(base / "up" / "new").st_uid == uid
     assert (base / "low" / "f").read_text() == "lower"
