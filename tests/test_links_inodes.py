@@ -77,3 +77,28 @@ def test_lower_hard_links_stay_one_file_after_remount(union):
     assert (union / "d" / "b").read_text() == "same+a+c"
     assert (union["low"] / "a").read_text() == "same"
     assert os.stat(union["low"] / "a").st_nlink == 3
+
+
+def test_hard_link_found_first_survives_its_directory_moving_and_the_other_name_going(union):
+    """The kernel knows a hard-linked lower file by one name (hl) when its other name (p/f)
+    is copied up by moving p: hl stays a name of the copy, also once p/f is removed (it used
+    to be forgotten, and hl then answered ENOENT). Found by the differential test."""
+    (union["low"] / "p").mkdir()
+    (union["low"] / "p" / "f").write_text("data")
+    os.link(union["low"] / "p" / "f", union["low"] / "hl")
+    (union["low"] / "d").mkdir()
+    union.mount()
+    os.stat(union / "hl")
+    os.rename(union / "p", union / "d" / "q")
+    assert (union / "d" / "q" / "f").read_text() == "data"
+    os.unlink(union / "d" / "q" / "f")
+    os.chown(union / "hl", 1, 2)
+    with open(union / "hl", "a") as f:
+        f.write("+")
+    assert (union / "hl").read_text() == "data+"
+    assert os.stat(union / "hl").st_uid == 1
+    assert (union["up"] / "hl").read_text() == "data+"
+    assert (union["low"] / "hl").read_text() == "data"  # the lower branch as it was
+    union.remount()
+    assert (union / "hl").read_text() == "data+"
+    assert os.listdir(union / "d" / "q") == []

@@ -336,11 +336,24 @@ class Union(MergedView):
             if node.aliases is not None:
                 node.aliases.pop(join(parent.path, name), None)
             return node
-        if node.path != join(parent.path, name) or node.parent is not parent:
-            node.path, node.parent = join(parent.path, name), parent
+        path = join(parent.path, name)
+        if node.path != path or node.parent is not parent:
+            old_path, old_parent = node.path, node.parent
+            node.path, node.parent = path, parent
+            if node.aliases:
+                node.aliases.pop(path, None)
+            if old_parent is not None and self._shows_at(old_parent, old_path, node):
+                # another name of this hard-linked file: the copy-up links it too
+                node.aliases = node.aliases or {}
+                node.aliases[old_path] = old_parent
         node.branch = b
         self.copy_up(node)
         return node
+
+    def _shows_at(self, parent: Node, path: bytes, node: Node) -> bool:
+        """Whether merged PATH (in directory PARENT) still names NODE's file."""
+        p = self.probe(parent, path.rpartition(b"/")[2])
+        return bool(p.entries) and self._key(p.entries[0][1]) == node.key
 
     def _copy_up_tree(self, node: Node, t: int, top: bool = True) -> None:
         """Copy a whole merged directory into branch T, so it can move as one directory."""
