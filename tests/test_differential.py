@@ -43,6 +43,10 @@ def _build_layers(l1, l2, rnd):
             os.setxattr(p, "trusted.overlay.opaque", b"y")
             break
     os.symlink("a", l2 / "lnk")
+    # hard links of lower files (overlayfs with index=on and pyunion keep them through copy-up)
+    files = [p for p in sorted(l2.rglob("*")) if p.is_file() and not p.is_symlink()]
+    for i, p in enumerate(files[:2]):
+        os.link(p, l2 / f"hl{i}")
 
 
 def _existing(root):
@@ -135,11 +139,14 @@ def _user_xattrs(path):
 
 def _snapshot(root):
     out = {}
+    names_of = {}  # inode number -> the names of non-directories with it
     for dirpath, dirnames, filenames in os.walk(root):
         for name in sorted(dirnames + filenames):
             p = os.path.join(dirpath, name)
             st = os.lstat(p)
             rel = os.path.relpath(p, root)
+            if not stat.S_ISDIR(st.st_mode):
+                names_of.setdefault(st.st_ino, []).append(rel)
             if stat.S_ISLNK(st.st_mode):
                 out[rel] = ("link", os.readlink(p))
             elif stat.S_ISDIR(st.st_mode):
@@ -147,6 +154,8 @@ def _snapshot(root):
             else:
                 with open(p, "rb") as f:
                     out[rel] = ("file", stat.S_IMODE(st.st_mode), f.read(), _user_xattrs(p))
+    # hard links: which names are one file (overlayfs keeps them so with index=on)
+    out["(links)"] = sorted(sorted(names) for names in names_of.values() if len(names) > 1)
     return out
 
 
@@ -182,7 +191,7 @@ def test_same_behaviour_as_overlayfs(make_union, tmp_path, seed, options, long_r
     for d in ("up", "work", "mnt"):
         (ovl / d).mkdir(parents=True)
     r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                        f"lowerdir={u['l1']}:{u['l2']},upperdir={ovl}/up,workdir={ovl}/work,redirect_dir=on",
+                        f"lowerdir={u['l1']}:{u['l2']},upperdir={ovl}/up,workdir={ovl}/work,redirect_dir=on,index=on",
                         ovl / "mnt"], capture_output=True, text=True)
     if r.returncode != 0:
         pytest.skip(f"kernel overlayfs unavailable: {r.stderr.strip()}")
