@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 
 def test_link_to_lower_file_copies_up(union):
     (union["low"] / "f").write_text("x")
@@ -102,3 +104,30 @@ def test_hard_link_found_first_survives_its_directory_moving_and_the_other_name_
     union.remount()
     assert (union / "hl").read_text() == "data+"
     assert os.listdir(union / "d" / "q") == []
+
+
+@pytest.mark.parametrize("known", [False, True])
+def test_writing_an_open_lower_file_whose_name_was_taken(union, known):
+    """A lower file open for writing whose name a rename gave to another file, then written
+    through the open file: the write lands in a copy (it used to fail with EEXIST). Its other
+    hard-link name shows that copy when the kernel knows that name, as overlayfs' index does;
+    otherwise that name keeps the lower file's data (it used to vanish from the view)."""
+    (union["low"] / "d").mkdir()
+    (union["low"] / "d" / "f").write_text("data")
+    os.link(union["low"] / "d" / "f", union["low"] / "hl")
+    (union["low"] / "other").write_text("other")
+    union.mount()
+    if known:
+        os.stat(union / "d" / "f")
+    fd = os.open(union / "hl", os.O_RDWR)
+    try:
+        os.rename(union / "other", union / "hl")
+        os.pwrite(fd, b"XX", 0)
+        assert os.pread(fd, 100, 0) == b"XXta"
+        assert (union / "hl").read_text() == "other"
+        assert os.listdir(union / "d") == ["f"]
+        assert (union / "d" / "f").read_text() == ("XXta" if known else "data")
+    finally:
+        os.close(fd)
+    assert (union["low"] / "d" / "f").read_text() == "data"  # the lower branch as it was
+    assert (union["low"] / "hl").read_text() == "data"

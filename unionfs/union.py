@@ -205,8 +205,11 @@ class Union(MergedView):
         st = syscalls.lstat_at(src, node.name)
         if st is None:
             raise oserror(errno.ENOENT, node.path)
-        if syscalls.exists_at(pfd, node.name):
-            raise oserror(errno.EEXIST, node.path)
+        up = syscalls.lstat_at(pfd, node.name)
+        if up is not None and self._key(up) == node.key:
+            raise oserror(errno.EEXIST, node.path)  # (copied up meanwhile)
+        # (another file there: its name was taken while the kernel held it, and the copy
+        # stays nameless, see finish_copy_up)
         job = CopyJob(src, node.name, st, self.branches[t].work_fd, limit, self.sync)
         try:
             job.prepare()
@@ -226,13 +229,17 @@ class Union(MergedView):
             if not self.needs_copy_up(node):  # copied meanwhile (a directory rename did it)
                 job.abort()
                 return None
-            # the name must still show the entry we copied: not removed, not replaced
-            if not self._shows(node, job.st):
+            # the name must still show the entry we copied: not removed, not replaced (a
+            # hard-linked file continues under another known name that still shows it)
+            if not self._shows(node, job.st) and not self._take_alias(node, job.st):
                 if not stat.S_ISREG(job.st.st_mode):
                     raise oserror(errno.ESTALE, node.path)
                 job.finish()
                 fd = job.detach()
                 self._copied(node, t)
+                # other names of the lower file, if any, stay the lower file's own: this
+                # nameless copy must not stand for them
+                self.table.rekey(node, (-1, node.ino))
                 return fd
             pfd = self.ensure_dir(t, node.parent)
             job.finish()
@@ -247,6 +254,17 @@ class Union(MergedView):
             self._index(t, pfd, node.name, node.key, new, job.st.st_nlink)
         self._link_aliases(node, t, pfd)
         return None
+
+    def _take_alias(self, node: Node, st: os.stat_result) -> bool:
+        """NODE's name no longer shows it: continue under another known name that does."""
+        for path, parent in list((node.aliases or {}).items()):
+            del node.aliases[path]
+            old = node.path, node.parent
+            node.path, node.parent = path, parent
+            if self._shows(node, st):
+                return True
+            node.path, node.parent = old
+        return False
 
     def _shows(self, node: Node, st: os.stat_result) -> bool:
         """Whether NODE's name still shows the entry of NODE's branch that ST describes."""
