@@ -372,3 +372,27 @@ def test_new_entries_replace_device_whiteouts_in_the_writable_branch(union):
     assert os.listdir(union / "d") == []
     assert (union["up"] / "f").read_text() == "new"
     assert (union["low"] / "d" / "old").read_text() == "lower"
+
+
+@pytest.mark.parametrize("read_first", [False, True])
+def test_writing_a_file_whose_name_a_rename_took(union, read_first):
+    """Writes through an open file whose name a rename gave to another file go to the open
+    file, never to the file that now has the name (they used to land in it: the daemon
+    reopened the data by name for writing)."""
+    (union["up"] / "f").write_text("ffff")
+    (union["up"] / "g").write_text("gggg")
+    union.mount()
+    fd = os.open(union / "f", os.O_RDWR)
+    try:
+        if read_first:  # (the daemon then holds a read-only fd of it already)
+            assert os.pread(fd, 2, 0) == b"ff"
+        os.rename(union / "g", union / "f")
+        os.pwrite(fd, b"XX", 0)
+        assert os.pread(fd, 100, 0) == b"XXff"
+        assert (union / "f").read_text() == "gggg"
+        assert (union["up"] / "f").read_text() == "gggg"
+        os.ftruncate(fd, 1)
+        assert os.fstat(fd).st_size == 1 and (union / "f").read_text() == "gggg"
+    finally:
+        os.close(fd)
+    assert os.listdir(union.mnt) == ["f"]

@@ -6,6 +6,7 @@ kept least recently used first, up to a bound; a file removed while the kernel m
 read it keeps its fd pinned until the kernel forgets it.
 """
 
+import errno
 import os
 from collections import OrderedDict
 
@@ -22,8 +23,15 @@ class DataFds:
     def get(self, node: Node, write: bool) -> int:
         """An fd of NODE's data, writable if WRITE (the caller has copied it up first)."""
         entry = self._pinned.get(node.ino)
-        if entry is not None and (entry[1] or not write):
-            return entry[0]
+        if entry is not None:
+            if entry[1] or not write:
+                return entry[0]
+            # its name went: the pinned fd is the only way to it (the name may hold another
+            # file by now), so it is reopened for writing through itself
+            fd = self._reopen_writable(node, entry[0])
+            self._pinned[node.ino] = (fd, True)
+            os.close(entry[0])
+            return fd
         entry = self._fds.get(node.ino)
         if entry is not None:
             if entry[1] or not write:
@@ -56,16 +64,32 @@ class DataFds:
         return None
 
     def pin(self, node: Node) -> None:
-        """Keep NODE's data reachable: its name is about to go, but the kernel may still read it."""
+        """Keep NODE's data reachable: its name is about to go, but the kernel may still read
+        and write it (writable where its branch is: the name cannot reopen it afterwards)."""
         if node.ino in self._pinned:
             return
+        writable = self.union.branches[node.branch].writable
         entry = self._fds.pop(node.ino, None)
+        if entry is not None and writable and not entry[1]:
+            os.close(entry[0])
+            entry = None
         if entry is None:
-            try:
-                entry = (self.union.open(node, os.O_RDONLY), False)
-            except OSError:
+            for flags in ((os.O_RDWR, os.O_RDONLY) if writable else (os.O_RDONLY,)):
+                try:
+                    entry = (self.union.open(node, flags), flags == os.O_RDWR)
+                    break
+                except PermissionError:  # (a file the daemon may not write: read-only will do)
+                    continue
+                except OSError:
+                    return
+            else:
                 return
         self._pinned[node.ino] = entry
+
+    def _reopen_writable(self, node: Node, fd: int) -> int:
+        if not self.union.branches[node.branch].writable:  # (never a lower branch's file)
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
 
     def pin_fd(self, node: Node, fd: int, writable: bool) -> None:
         """Pin FD as NODE's data: the file has no name left to open it by."""
