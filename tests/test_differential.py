@@ -68,14 +68,46 @@ def _op(rnd, existing):
     kind = rnd.choice(["write", "append", "read", "unlink", "mkdir", "rmdir", "rename", "rename",
                        "chmod", "symlink", "link", "truncate", "listdir", "stat",
                        "setxattr", "getxattr", "removexattr", "listxattr", "exchange",
-                       "noreplace", "utime", "chown"])
+                       "noreplace", "utime", "chown", "hold", "fdwrite", "fdread", "fdstat"])
     return kind, _path(rnd, existing), _path(rnd, existing), rnd.randint(0, 9999)
+
+
+HELD: dict[str, dict[int, int]] = {}  # root -> slot -> an fd held open across operations
+
+
+def _close_held(root) -> None:
+    for fd in HELD.pop(str(root), {}).values():
+        os.close(fd)
+
+
+def _apply_held(root, kind, a, n):
+    """Files held open across other operations: opened for writing (the kernel sends no
+    OPEN, so pyunion copies up at the first write where overlayfs does at open), then
+    written, read and fstat-ed through the open file whatever happened to its name."""
+    held, slot = HELD.setdefault(str(root), {}), n % 4
+    if kind == "hold":
+        fd = os.open(a, os.O_RDWR | os.O_NONBLOCK)
+        if slot in held:
+            os.close(held.pop(slot))
+        held[slot] = fd
+        return ("ok",)
+    if slot not in held:
+        return ("no fd",)
+    fd = held[slot]
+    if kind == "fdwrite":
+        os.pwrite(fd, b"<%d>" % n, n % 20)
+    elif kind == "fdread":
+        return ("ok", os.pread(fd, 200, 0))
+    st = os.fstat(fd)
+    return ("ok", st.st_size, stat.S_IMODE(st.st_mode))
 
 
 def _apply(root, op):
     kind, p, q, n = op
     a, b = os.path.join(root, p), os.path.join(root, q)
     try:
+        if kind in ("hold", "fdwrite", "fdread", "fdstat"):
+            return _apply_held(root, kind, a, n)
         if kind == "write":
             with open(a, "w") as f:
                 f.write(f"w{n}")
@@ -203,15 +235,19 @@ def test_same_behaviour_as_overlayfs(make_union, tmp_path, seed, options, long_r
             op = _op(rnd, _existing(u.mnt))
             ours, theirs = _apply(u.mnt, op), _apply(ovl / "mnt", op)
             assert ours == theirs, f"step {i}: {op}: pyunion {ours} != overlayfs {theirs}"
-            outcomes[ours[0]] += 1
+            outcomes[ours[0]] = outcomes.get(ours[0], 0) + 1
             if i % 25 == 0:
                 assert _snapshot(u.mnt) == _snapshot(ovl / "mnt"), f"after step {i}: {op}"
         assert _snapshot(u.mnt) == _snapshot(ovl / "mnt")
         assert outcomes["ok"] > 50 and outcomes["err"] > 20, outcomes  # both paths exercised
+        _close_held(u.mnt)
+        _close_held(ovl / "mnt")
         u.umount()
         u.mount(*options)
         assert _snapshot(u.mnt) == _snapshot(ovl / "mnt"), "differs after remount"
     finally:
+        _close_held(u.mnt)
+        _close_held(ovl / "mnt")
         subprocess.run(["umount", ovl / "mnt"], capture_output=True)
         if is_mounted(ovl / "mnt"):
             force_unmount(ovl / "mnt")
