@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from runner.layerview import LayerView
 from unionfs.layers import remove_tree_at
 from unionfs.syscalls import open_beneath
-from unionfs.whiteout import META_PREFIX, WH_PREFIX, fits_whiteout
+from unionfs.whiteout import WH_PREFIX, fits_whiteout, whited_out
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 CHUNK = 1 << 20
@@ -150,11 +150,10 @@ class Extractor:
                 m.mode, m.mtime = 0o600, 0
             else:
                 device_whiteout = True
-        elif m.isreg() and parts[-1].startswith(WH_PREFIX) and not parts[-1].startswith(META_PREFIX) \
-                and not fits_whiteout(parts[-1][len(WH_PREFIX):]):
+        elif m.isreg() and (hidden := whited_out(parts[-1])) and not fits_whiteout(hidden):
             # an OCI whiteout too long for a file name: kept as overlayfs' form (as the union
             # makes them), a 0/0 device of the hidden name
-            parts = parts[:-1] + [parts[-1][len(WH_PREFIX):]]
+            parts = parts[:-1] + [hidden]
             device_whiteout = True
         self._check_lower(parts, m.name)
         pfd = self._parent(parts, m.name)
