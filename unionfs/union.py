@@ -231,7 +231,7 @@ class Union(MergedView):
                 return None
             # the name must still show the entry we copied: not removed, not replaced (a
             # hard-linked file continues under another known name that still shows it)
-            if not self._shows(node, job.st) and not self._take_alias(node, job.st):
+            if not self._shows(node, job.st) and not self._take_alias(node):
                 if not stat.S_ISREG(job.st.st_mode):
                     raise oserror(errno.ESTALE, node.path)
                 job.finish()
@@ -255,15 +255,13 @@ class Union(MergedView):
         self._link_aliases(node, t, pfd)
         return None
 
-    def _take_alias(self, node: Node, st: os.stat_result) -> bool:
+    def _take_alias(self, node: Node) -> bool:
         """NODE's name no longer shows it: continue under another known name that does."""
         for path, parent in list((node.aliases or {}).items()):
             del node.aliases[path]
-            old = node.path, node.parent
-            node.path, node.parent = path, parent
-            if self._shows(node, st):
+            if self._shows_at(parent, path, node):
+                node.path, node.parent = path, parent
                 return True
-            node.path, node.parent = old
         return False
 
     def _shows(self, node: Node, st: os.stat_result) -> bool:
