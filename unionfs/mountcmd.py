@@ -434,10 +434,11 @@ def _raise_readahead(mountpoint: str) -> None:
     The mount's device number comes from mountinfo: nothing here sends a request to the mount
     (see unionfs.probe for why the daemon never does).
     """
-    device = _mount_device(mountpoint)
-    if device is None:
+    entry = _mount_entry(mountpoint)
+    if entry is None:
         log.debug("cannot raise read-ahead: %s is not in mountinfo", mountpoint)
         return
+    device = entry[0]
     try:
         with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as f:
             f.write(str(READAHEAD_KB))
@@ -467,12 +468,6 @@ async def _stop_on_signal(stop) -> None:
             log.info("signal %d: unmounting", signum)
             stop()
             return
-
-
-def _mount_device(real_mountpoint: str) -> str | None:
-    """"MAJOR:MINOR" of the topmost mount on REAL_MOUNTPOINT (a resolved path), or None."""
-    entry = _mount_entry(real_mountpoint)
-    return entry[0] if entry else None
 
 
 def _mount_entry(real_mountpoint: str) -> tuple[str, str] | None:
