@@ -400,7 +400,13 @@ def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: b
         raise
     finally:
         if probe is not None and probe.poll() is None:
-            probe.kill()  # (not waited for: the mount it may wait on is going away)
+            # it holds a directory of the mount open, which would keep the mount busy; its
+            # requests are all answered at once or still queued, so it dies when killed
+            probe.kill()
+            try:
+                probe.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                log.warning("the probe of the mount (pid %d) did not exit", probe.pid)
         pyfuse3.close(unmount=True)
         union.table.forget_all()
         union.close()
