@@ -103,6 +103,26 @@ def test_sigterm_unmounts_cleanly(union):
     assert not (union["up"] / ".wh..wh.pyunion").exists()
 
 
+def test_sigterm_right_after_mounting_unmounts_cleanly(union):
+    """A stop signal that comes as the mount returns, before the daemon's loop listens for
+    signals, still unmounts cleanly (it used to kill the daemon, leaving a dead mount)."""
+    (union["low"] / "f").write_text("x")
+    for _ in range(5):
+        union.mount()
+        pid = union.daemon_pid()
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while is_mounted(union.mnt) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not is_mounted(union.mnt)
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}/cmdline") and \
+                open(f"/proc/{pid}/cmdline").read():  # (until it exits: a zombie has none)
+            time.sleep(0.02)
+        log = union.log.read_text()
+        assert log.count("unionfs: unmounted ") == log.count("unionfs: mounted ")
+    assert os.listdir(union["up"]) == []
+
+
 def test_foreground_mode(union):
     (union["low"] / "f").write_text("fg")
     proc = subprocess.Popen([*PYUNION, "mount", "-f", "-o", f"logfile={union.log}", union.spec, union.mnt])

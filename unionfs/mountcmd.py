@@ -339,6 +339,11 @@ def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: b
     from unionfs.union import Union
 
     _setup_logging(o, debug, ready is None)
+    # a stop signal that comes before the loop listens for it is kept for the loop, instead of
+    # killing the daemon with its mount still there
+    early_signals: list[int] = []
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, lambda n, _: early_signals.append(n))
     os.umask(0)  # modes come from the kernel with the caller's umask applied
     _raise_fd_limit()
     try:
@@ -385,7 +390,8 @@ def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: b
 
     async def run():
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signal, session.stop if session else pyfuse3.terminate)
+            nursery.start_soon(_stop_on_signal, session.stop if session else pyfuse3.terminate,
+                               early_signals)
             nursery.start_soon(_raise_readahead_when_live, ops, real_mountpoint)
             await (session.serve() if session else pyfuse3.main())
             nursery.cancel_scope.cancel()
@@ -466,14 +472,20 @@ def _start_probe(mountpoint: str) -> subprocess.Popen | None:
         return None
 
 
-async def _stop_on_signal(stop) -> None:
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+async def _stop_on_signal(stop, early: list[int]) -> None:
+    """Call STOP at the first stop signal, including one in EARLY (come before this listened)."""
     import trio
 
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("signal %d: unmounting", signum)
-            stop()
-            return
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        if not early:
+            async for signum in signals:
+                early.append(signum)
+                break
+        log.info("signal %d: unmounting", early[0])
+        stop()
 
 
 def _mount_entry(real_mountpoint: str) -> tuple[str, str] | None:
