@@ -1,5 +1,7 @@
 """Unit tests of the pure rules: branch specs and whiteout names."""
 
+import os
+
 import pytest
 
 from unionfs.branches import BranchSpec, format_branches, parse_branches, split_spec
@@ -94,3 +96,52 @@ def test_inode_numbers_not_reused_while_the_kernel_holds_them():
     assert table.get(old.ino) is old  # the kernel's FORGET for the old one still finds it
     table.unref(old, 2)
     assert old.ino not in table.by_ino
+
+
+def test_dir_fd_cache_forgets_a_directory_and_all_below_it_only(tmp_path):
+    """forget(PATH) closes the fds of PATH and of everything below it, in every branch, and
+    of nothing else: not of siblings whose names sort between PATH and PATH/ ("a b", "a.b"),
+    nor of a directory whose name merely starts with PATH's ("ab"); eviction keeps this true."""
+    from unionfs.branches import BranchSpec
+    from unionfs.layers import Branch, DirFdCache
+
+    names = [b"a", b"a/b", b"a/b/c", b"a b", b"a b/x", b"a.b", b"ab", b"ab/a", b"z"]
+    branches = []
+    for i in range(2):
+        root = tmp_path / str(i)
+        for n in names:
+            (root / n.decode()).mkdir(parents=True)
+        for n in ("y1", "y2", "y3"):
+            (root / n).mkdir()
+        branches.append(Branch(i, BranchSpec(str(root), "ro")))
+    cache = DirFdCache(branches, size=len(names) * 2)
+    held = {(b, n): cache.get(b, n) for b in range(2) for n in names}
+
+    def is_open(fd):
+        try:
+            os.fstat(fd)
+            return True
+        except OSError:
+            return False
+
+    cache.forget(b"a")
+    gone = {(b, n) for b in range(2) for n in (b"a", b"a/b", b"a/b/c")}
+    for key, fd in held.items():
+        assert is_open(fd) == (key not in gone), key
+        assert (cache.cached(*key) is not None) == (key not in gone), key
+    # full again, then three more: the three oldest go; forget still finds exactly the rest
+    for key in [(1, b"a"), (1, b"a/b"), (0, b"a/b/c"), (0, b"a"), (1, b"a/b/c"), (0, b"a/b")]:
+        cache.get(*key)
+    for n in (b"y1", b"y2", b"y3"):
+        cache.get(0, n)
+    assert [cache.cached(0, n) for n in (b"a b", b"a b/x", b"a.b")] == [None] * 3
+    cache.forget(b"a b")
+    assert cache.cached(1, b"a b") is None and cache.cached(1, b"a b/x") is None
+    assert cache.cached(1, b"a.b") is not None and cache.cached(0, b"ab/a") is not None
+    cache.forget(b"a/b")
+    assert [cache.cached(b, n) for b in range(2) for n in (b"a/b", b"a/b/c")] == [None] * 4
+    assert cache.cached(0, b"a") is not None and cache.cached(1, b"a") is not None
+    cache.clear()
+    for b in branches:
+        b.close()
+

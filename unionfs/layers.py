@@ -4,6 +4,7 @@ import errno
 import fcntl
 import os
 import stat
+from bisect import bisect_left, insort
 from collections import OrderedDict
 
 from unionfs import syscalls
@@ -178,12 +179,19 @@ def remove_tree_at(dirfd: int, name: bytes) -> None:
             os.close(fd)
 
 class DirFdCache:
-    """O_PATH fds of branch directories, keyed by (branch index, path), least recently used out."""
+    """O_PATH fds of branch directories, keyed by (branch index, path), least recently used out.
+
+    The cached paths are also kept sorted, so that dropping a directory and everything below
+    it (`forget`, on every rmdir and directory rename) finds them by bisection instead of
+    scanning the whole cache.
+    """
 
     def __init__(self, branches: list[Branch], size: int = 1024):
         self._branches = branches
         self._size = size
         self._fds: OrderedDict[tuple[int, bytes], int] = OrderedDict()
+        self._paths: list[bytes] = []  # sorted: each path with an fd in some branch, once
+        self._held: dict[bytes, int] = {}  # path -> in how many branches it has an fd
 
     def get(self, branch: int, path: bytes) -> int:
         """The fd of directory PATH in BRANCH; raises OSError if it is not a directory there."""
@@ -196,10 +204,22 @@ class DirFdCache:
             return fd
         fd = syscalls.open_beneath(self._branches[branch].fd, path)
         self._fds[key] = fd
+        held = self._held.get(path, 0)
+        if not held:
+            insort(self._paths, path)
+        self._held[path] = held + 1
         if len(self._fds) > self._size:
-            _, old = self._fds.popitem(last=False)
+            (_, old_path), old = self._fds.popitem(last=False)
             os.close(old)
+            self._release(old_path)
         return fd
+
+    def _release(self, path: bytes) -> None:
+        held = self._held.pop(path) - 1
+        if held:
+            self._held[path] = held
+        else:
+            del self._paths[bisect_left(self._paths, path)]
 
     def cached(self, branch: int, path: bytes) -> int | None:
         """The fd of directory PATH in BRANCH if one is open (none is opened)."""
@@ -216,10 +236,26 @@ class DirFdCache:
 
     def forget(self, path: bytes) -> None:
         """Drop PATH and everything below it (after a rename or removal)."""
-        prefix = path + b"/"
-        for key in [k for k in self._fds if k[1] == path or k[1].startswith(prefix)]:
-            os.close(self._fds.pop(key))
+        paths = self._paths
+        prefix = path + b"/"  # (everything below PATH sorts together, right after this)
+        start = end = bisect_left(paths, prefix)
+        while end < len(paths) and paths[end].startswith(prefix):
+            end += 1
+        doomed = paths[start:end]
+        del paths[start:end]
+        i = bisect_left(paths, path)
+        if i < len(paths) and paths[i] == path:
+            del paths[i]
+            doomed.append(path)
+        for p in doomed:
+            del self._held[p]
+            for b in range(len(self._branches)):
+                fd = self._fds.pop((b, p), None)
+                if fd is not None:
+                    os.close(fd)
 
     def clear(self) -> None:
         while self._fds:
             os.close(self._fds.popitem()[1])
+        self._paths.clear()
+        self._held.clear()
