@@ -53,6 +53,14 @@ def tree(root) -> dict:
     return out
 
 
+def work_leftovers(work) -> list[str]:
+    """What a work area holds but the shared empty file its whiteouts link (see
+    Branch.add_empty_file): copies in progress, or left behind."""
+    from unionfs.layers import SHARED_EMPTY
+
+    return [n for n in os.listdir(work) if n != os.fsdecode(SHARED_EMPTY)]
+
+
 class UnionMount:
     """A union of branch directories under a temporary directory, mounted on demand."""
 

@@ -1,4 +1,4 @@
-"""Unit tests of the pure rules: branch specs and whiteout names."""
+"""Unit tests without a mount: branch specs, whiteout names, inode numbers, branch directory fds."""
 
 import os
 
@@ -145,3 +145,29 @@ def test_dir_fd_cache_forgets_a_directory_and_all_below_it_only(tmp_path):
     for b in branches:
         b.close()
 
+
+def test_whiteout_links_move_to_a_new_shared_file_at_the_link_limit(tmp_path):
+    """When the shared empty file has as many links as the filesystem allows, the next
+    whiteout links a fresh one; every whiteout is made, none is lost."""
+    from unionfs.branches import BranchSpec
+    from unionfs.layers import Branch
+
+    limit = os.pathconf(tmp_path, "PC_LINK_MAX")
+    if limit > 70000:
+        pytest.skip(f"this filesystem allows {limit} links (ext4 allows 65,000)")
+    (tmp_path / "up").mkdir()
+    branch = Branch(0, BranchSpec(str(tmp_path / "up"), "rw"))
+    try:
+        branch.lock()
+        d = os.open(tmp_path / "up", os.O_RDONLY | os.O_DIRECTORY)
+        for i in range(limit + 1):  # the shared file's own name is one of its links
+            branch.add_empty_file(d, b".wh.%d" % i)
+        with pytest.raises(FileExistsError):
+            branch.add_empty_file(d, b".wh.0")
+        first, last = (os.stat(b".wh.%d" % i, dir_fd=d) for i in (0, limit))
+        assert first.st_nlink == limit - 1 and last.st_nlink == 3
+        assert first.st_ino != last.st_ino
+        assert len(os.listdir(d)) == limit + 2  # the whiteouts and the work area
+        os.close(d)
+    finally:
+        branch.close()

@@ -66,6 +66,33 @@ def test_unlink_lower_leaves_whiteout(union):
     assert not (union / "f").exists() and os.listdir(union.mnt) == []
 
 
+def test_whiteouts_share_one_inode_and_the_work_area_goes_at_unmount(union):
+    """Whiteout files are links of one empty file in the work area (no inode each), in every
+    directory; unmounting removes the shared file with the work area; after a remount the
+    old whiteouts still hide, and new ones link a new shared file."""
+    for d in ("", "d/", "d/e/"):
+        (union["low"] / d).mkdir(exist_ok=True)
+        for name in ("a", "b", "c"):
+            (union["low"] / f"{d}{name}").write_text(name)
+    union.mount()
+    for d in ("", "d/", "d/e/"):
+        for name in ("a", "b"):
+            os.unlink(union / f"{d}{name}")
+    first = [os.lstat(union["up"] / f"{d}.wh.{n}") for d in ("", "d/", "d/e/") for n in "ab"]
+    assert {(st.st_dev, st.st_ino) for st in first} == {(first[0].st_dev, first[0].st_ino)}
+    assert all(stat.S_ISREG(st.st_mode) and st.st_size == 0 for st in first)
+    assert os.lstat(union["up"] / ".wh..wh.pyunion" / "whiteout").st_ino == first[0].st_ino
+    union.umount()
+    assert sorted(os.listdir(union["up"])) == [".wh.a", ".wh.b", "d"]
+    assert os.lstat(union["up"] / ".wh.a").st_nlink == 6
+    union.mount()
+    assert sorted(os.listdir(union.mnt)) == ["c", "d"] and os.listdir(union / "d/e") == ["c"]
+    os.unlink(union / "c")
+    assert os.lstat(union["up"] / ".wh.c").st_ino != first[0].st_ino
+    assert os.lstat(union["up"] / ".wh.c").st_nlink == 2
+    assert (union["low"] / "c").read_text() == "c" and (union["low"] / "d/e/a").read_text() == "a"
+
+
 def test_unlink_upper_only_leaves_no_whiteout(union):
     union.mount()
     (union / "new").write_text("n")

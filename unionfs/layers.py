@@ -12,6 +12,8 @@ from unionfs.branches import BranchSpec
 from unionfs.whiteout import WORKDIR
 
 INDEX = b"index"  # in the work area: hard links to copies of hard-linked lower files
+SHARED_EMPTY = b"whiteout"  # in the work area: the empty file whiteout files are links of
+EMPTY_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class Branch:
@@ -28,6 +30,7 @@ class Branch:
         self._work_fd: int | None = None
         self._index_fd: int | None = None
         self._work_parent: tuple[int, bytes] | None = None  # (dirfd, name) of the work area
+        self._links_empty = True  # whether add_empty_file links (see there)
 
     def use_workdir(self, path: str) -> None:
         """Use an external work directory (overlay's workdir=); it must share our filesystem."""
@@ -89,6 +92,40 @@ class Branch:
             self._index_fd = syscalls.open_beneath(self.work_fd, INDEX)
         return self._index_fd
 
+    def add_empty_file(self, dfd: int, name: bytes) -> None:
+        """Make NAME in directory DFD an empty file (a whiteout); raises
+        FileExistsError if NAME exists.
+
+        It is a new link of one empty file in the work area, as kernel overlayfs links its
+        whiteouts to one inode: no inode is allocated now or freed when it goes (on ext4,
+        linking and unlinking cost about half as much), and removing a tree of lower files
+        cannot run the branch out of inodes. Where links fail (too many of them, a directory
+        on another filesystem, a filesystem without hard links) a file of its own is made.
+        """
+        for _ in range(2):
+            if not self._links_empty:
+                break
+            try:
+                os.link(SHARED_EMPTY, name, src_dir_fd=self.work_fd, dst_dir_fd=dfd,
+                        follow_symlinks=False)
+                return
+            except FileNotFoundError:  # first use in this mount (or removed meanwhile)
+                pass
+            except OSError as e:
+                if e.errno == errno.EXDEV:
+                    break
+                if e.errno in (errno.EPERM, errno.EOPNOTSUPP):
+                    self._links_empty = False
+                    break
+                if e.errno != errno.EMLINK:
+                    raise
+            try:  # a fresh shared file; the old inode lives on in its links
+                os.unlink(SHARED_EMPTY, dir_fd=self.work_fd)
+            except FileNotFoundError:
+                pass
+            os.close(os.open(SHARED_EMPTY, EMPTY_FILE_FLAGS, 0o600, dir_fd=self.work_fd))
+        os.close(os.open(name, EMPTY_FILE_FLAGS, 0o600, dir_fd=dfd))
+
     @property
     def work_fd(self) -> int:
         """The work area's directory fd (see lock)."""
@@ -102,10 +139,11 @@ class Branch:
             os.close(self._index_fd)
             self._index_fd = None
         if self._work_fd is not None:
-            try:
-                os.rmdir(INDEX, dir_fd=self._work_fd)
-            except OSError:
-                pass
+            for name, remove in ((SHARED_EMPTY, os.unlink), (INDEX, os.rmdir)):
+                try:
+                    remove(name, dir_fd=self._work_fd)
+                except OSError:
+                    pass
             parent, name = self._work_location()
             try:
                 os.rmdir(name, dir_fd=parent)

@@ -141,8 +141,7 @@ class Union(MergedView):
         replaces it at once (callers remove a directory of that name first)."""
         if fits_whiteout(name):
             try:
-                os.close(os.open(whiteout_name(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                                 | os.O_CLOEXEC, 0o600, dir_fd=dfd))
+                self.branches[t].add_empty_file(dfd, whiteout_name(name))
             except FileExistsError:
                 pass
             return
