@@ -147,12 +147,14 @@ class MergedView:
     def probe(self, parent: Node, name: bytes, full: bool = False) -> Probe:
         """Look NAME up in the branches of directory PARENT, top-down.
 
-        Stops at a whiteout, or (unless FULL) once the winner's merging is over; FULL collects
-        every visible entry below too (needed to know whether a removal needs a whiteout).
+        Stops at a whiteout, or (unless FULL) once the winner's merging is over; FULL goes on
+        until `below` can answer for the branches that ask it (see `_probed_enough`): whether
+        a removal needs a whiteout.
         """
         result = Probe(stop=parent.stop)
         merging = True
         path = join(parent.path, name)
+        bottom = len(self.branches) - 1  # (a whiteout there hides nothing)
         for b in self.layers(parent):
             br = self.branches[b]
             dfd = self.dirs.lookup(b, parent.path)
@@ -174,14 +176,21 @@ class MergedView:
                     else:
                         merging = False
                         result.stop = b if len(result.entries) == 1 else b - 1
-                if not merging and not full:
+                if not merging and (not full or self._probed_enough(result)):
                     break
-            if br.honours_whiteouts and fits_whiteout(name) \
+            if br.honours_whiteouts and b != bottom and fits_whiteout(name) \
                     and syscalls.exists_at(dfd, whiteout_name(name)):
                 if merging:
                     result.stop = b
                 break
         return result
+
+    def _probed_enough(self, p: Probe) -> bool:
+        """Whether a FULL probe has what `below` is asked: only of a writable winner's branch
+        and of the top writable branch, so one entry below the lower of those is enough."""
+        b = p.entries[0][0]
+        mark = b if self.branches[b].writable else self.top_rw
+        return mark is None or p.entries[-1][0] > mark
 
     def check_name(self, name: bytes) -> None:
         if is_reserved(name):
