@@ -93,8 +93,7 @@ class Branch:
         return self._index_fd
 
     def add_empty_file(self, dfd: int, name: bytes) -> None:
-        """Make NAME in directory DFD an empty file (a whiteout); raises
-        FileExistsError if NAME exists.
+        """Make NAME in directory DFD an empty file (a whiteout); FileExistsError if NAME exists.
 
         It is a new link of one empty file in the work area, as kernel overlayfs links its
         whiteouts to one inode: no inode is allocated now or freed when it goes (on ext4,
@@ -112,13 +111,12 @@ class Branch:
             except FileNotFoundError:  # first use in this mount (or removed meanwhile)
                 pass
             except OSError as e:
-                if e.errno == errno.EXDEV:
-                    break
-                if e.errno in (errno.EPERM, errno.EOPNOTSUPP):
-                    self._links_empty = False
-                    break
-                if e.errno != errno.EMLINK:
+                if e.errno == errno.EEXIST:
                     raise
+                if e.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):
+                    self._links_empty = False  # a filesystem without hard links
+                if e.errno != errno.EMLINK:
+                    break  # (a real failure, full disk or such, fails the file's creation too)
             try:  # a fresh shared file; the old inode lives on in its links
                 os.unlink(SHARED_EMPTY, dir_fd=self.work_fd)
             except FileNotFoundError:
