@@ -106,12 +106,14 @@ def test_hard_link_found_first_survives_its_directory_moving_and_the_other_name_
     assert os.listdir(union / "d" / "q") == []
 
 
+@pytest.mark.parametrize("how", ["renamed over", "removed"])
 @pytest.mark.parametrize("known", [False, True])
-def test_writing_an_open_lower_file_whose_name_was_taken(union, known):
-    """A lower file open for writing whose name a rename gave to another file, then written
-    through the open file: the write lands in a copy (it used to fail with EEXIST). Its other
-    hard-link name shows that copy when the kernel knows that name, as overlayfs' index does;
-    otherwise that name keeps the lower file's data (it used to vanish from the view)."""
+def test_writing_an_open_lower_file_whose_name_went(union, known, how):
+    """A hard-linked lower file open for writing whose name went (a rename gave it to another
+    file, or it was removed), then written through the open file: the write lands in a copy
+    (it used to fail with EEXIST), and the file's other name shows that copy, as on overlayfs
+    (which copies up at open), whether or not the kernel knew that name already (it used to
+    keep the lower data when it did not), after a remount too."""
     (union["low"] / "d").mkdir()
     (union["low"] / "d" / "f").write_text("data")
     os.link(union["low"] / "d" / "f", union["low"] / "hl")
@@ -121,13 +123,24 @@ def test_writing_an_open_lower_file_whose_name_was_taken(union, known):
         os.stat(union / "d" / "f")
     fd = os.open(union / "hl", os.O_RDWR)
     try:
-        os.rename(union / "other", union / "hl")
+        if how == "removed":
+            os.unlink(union / "hl")
+        else:
+            os.rename(union / "other", union / "hl")
         os.pwrite(fd, b"XX", 0)
         assert os.pread(fd, 100, 0) == b"XXta"
-        assert (union / "hl").read_text() == "other"
+        assert sorted(os.listdir(union.mnt)) == (["d", "hl"] if how == "renamed over" else ["d", "other"])
+        if how == "renamed over":
+            assert (union / "hl").read_text() == "other"
         assert os.listdir(union / "d") == ["f"]
-        assert (union / "d" / "f").read_text() == ("XXta" if known else "data")
+        assert (union / "d" / "f").read_text() == "XXta"
+        os.pwrite(fd, b"YY", 2)
+        assert (union / "d" / "f").read_text() == "XXYY"
+        assert os.stat(union / "d" / "f").st_ino == os.fstat(fd).st_ino
     finally:
         os.close(fd)
+    assert (union["up"] / "d" / "f").read_text() == "XXYY"
+    union.remount()
+    assert (union / "d" / "f").read_text() == "XXYY"
     assert (union["low"] / "d" / "f").read_text() == "data"  # the lower branch as it was
     assert (union["low"] / "hl").read_text() == "data"

@@ -75,7 +75,7 @@ class Union(MergedView):
 
     def _index(self, t: int, pfd: int, name: bytes, key: Key, st: os.stat_result, links: int) -> None:
         """Record the copy of a hard-linked lower file (LINKS names there) in the index."""
-        iname = b"%x-%x.%d" % (*key, links)
+        iname = index_name(key, links)
         try:
             os.link(name, iname, src_dir_fd=pfd, dst_dir_fd=self.branches[t].index_fd,
                     follow_symlinks=False)
@@ -83,6 +83,24 @@ class Union(MergedView):
             return
         self.index[key] = iname
         self.indexed[(st.st_dev, st.st_ino)] = links
+
+    def _index_only(self, t: int, node: Node, job: CopyJob) -> int | None:
+        """Publish the copy of a hard-linked lower file whose name went into the index alone:
+        the file's other names, when looked up, link to it and show what was written (as on
+        overlayfs, which copies up at open). Its read-write fd; None if the index has one."""
+        links = job.st.st_nlink
+        iname = index_name(node.key, links)
+        index_fd = self.branches[t].index_fd
+        try:
+            job.publish(index_fd, iname)
+        except FileExistsError:
+            return None
+        fd = os.open(iname, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=index_fd)
+        new = os.fstat(fd)
+        self.index[node.key] = iname
+        self.indexed[(new.st_dev, new.st_ino)] = links
+        self.origin[(new.st_dev, new.st_ino)] = node.key
+        return fd
 
     def attr_nlink(self, node: Node, st: os.stat_result) -> int:
         if self.indexed and (st.st_dev, st.st_ino) in self.indexed:
@@ -234,11 +252,12 @@ class Union(MergedView):
                 if not stat.S_ISREG(job.st.st_mode):
                     raise oserror(errno.ESTALE, node.path)
                 job.finish()
-                fd = job.detach()
+                fd = self._index_only(t, node, job) if job.st.st_nlink > 1 else None
+                if fd is None:
+                    fd = job.detach()
+                    # a file of one name: the copy stands for nothing else
+                    self.table.rekey(node, (-1, node.ino))
                 self._copied(node, t)
-                # other names of the lower file, if any, stay the lower file's own: this
-                # nameless copy must not stand for them
-                self.table.rekey(node, (-1, node.ino))
                 return fd
             pfd = self.ensure_dir(t, node.parent)
             job.finish()
@@ -799,3 +818,8 @@ def _open_flags(flags: int) -> int:
     """Flags to open a branch file with, for a kernel open request."""
     flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_APPEND)
     return flags | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def index_name(key: Key, links: int) -> bytes:
+    """The index's name for the copy of lower file KEY, which had LINKS names (see Union.index)."""
+    return b"%x-%x.%d" % (*key, links)
