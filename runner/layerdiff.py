@@ -98,6 +98,14 @@ def changes(upper: str, layer_dirs: list[str] | None) -> list[tuple[str, bytes]]
     is opaque or holds a whiteout somewhere beneath - which is C.
     """
     view = LayerView(layer_dirs) if layer_dirs is not None else None
+    try:
+        return _changes(upper, view)
+    finally:
+        if view is not None:
+            view.close()
+
+
+def _changes(upper: str, view: LayerView | None) -> list[tuple[str, bytes]]:
     result: dict[tuple[bytes, ...], str] = {}
     upper_names: set[tuple[bytes, ...]] = set()
     opaque_dirs: list[tuple[bytes, ...]] = []
@@ -121,7 +129,7 @@ def changes(upper: str, layer_dirs: list[str] | None) -> list[tuple[str, bytes]]
                 result[parts] = "C"
     else:
         for d in opaque_dirs:
-            if view.dirs(d) is None:
+            if not view.is_dir(d):
                 continue
             for name in view.children(d):
                 if d + (name,) not in upper_names:

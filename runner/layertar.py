@@ -62,6 +62,8 @@ class Extractor:
 
     def close(self) -> None:
         os.close(self.root_fd)
+        if self.lower is not None:
+            self.lower.close()
 
     # ---- resolution ---------------------------------------------------------------------
     def _parent(self, parts: list[bytes], member: str, create: bool = True) -> int:

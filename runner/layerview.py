@@ -1,18 +1,23 @@
-"""A read-only merged view of stacked layer directories, for lookups without a FUSE mount.
+"""A read-only merged view of stacked layer directories, for the runner's lookups without a mount.
 
-Layers are given top first and follow the union's `ro+wh` rules: `.wh.NAME` hides NAME below,
-`DIR/.wh..wh..opq` (or an overlay opaque xattr) hides everything below DIR, an overlayfs
-char-device 0/0 hides the name, and a non-directory hides everything below it.
+It is the union's own `MergedView` over the layers (top first, each `ro+wh`), so import and diff
+see exactly what a mount shows: `.wh.NAME` and overlayfs' 0/0 devices hide names, opaque markers
+and xattrs hide the layers below, and no symlink inside a layer is ever followed.
 """
 
+import errno
 import os
-import stat
 
+from unionfs.branches import RO_WH, BranchSpec
+from unionfs.inodes import Node
+from unionfs.merge import MergedView
 from unionfs.syscalls import is_overlay_whiteout as is_whiteout_device
-from unionfs.whiteout import OPAQUE, OPAQUE_XATTRS, fits_whiteout
+from unionfs.whiteout import OPAQUE, OPAQUE_XATTRS
 from unionfs.whiteout import WH_PREFIX as WH
 
-__all__ = ["OPAQUE", "WH", "LayerView", "has_opaque_xattr", "is_opaque", "is_whiteout_device"]
+__all__ = ["OPAQUE", "WH", "LayerView", "has_opaque_xattr", "is_whiteout_device"]
+
+ABSENT = (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG)
 
 
 def has_opaque_xattr(path: bytes) -> bool:
@@ -26,80 +31,65 @@ def has_opaque_xattr(path: bytes) -> bool:
     return False
 
 
-def is_opaque(path: bytes) -> bool:
-    """Whether the directory at `path` hides the directories below it."""
-    return os.path.lexists(os.path.join(path, OPAQUE)) or has_opaque_xattr(path)
-
-
-def _lstat(path: bytes) -> os.stat_result | None:
-    try:
-        return os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-
-
 class LayerView:
-    """The merged tree of `layer_dirs` (top first), answered by lstat and listdir on the layers."""
+    """The merged tree of `layer_dirs` (top first); entries are named by tuples of components."""
 
     def __init__(self, layer_dirs: list[str]):
-        self.layers = [os.fsencode(d) for d in layer_dirs]
-        self._dirs: dict[tuple[bytes, ...], list[bytes] | None] = {(): self.layers}
+        specs = [BranchSpec(os.fsdecode(d), RO_WH) for d in layer_dirs]
+        self._view = MergedView(specs, readonly=True) if specs else None
+        self._found: dict[tuple[bytes, ...], tuple[Node, os.stat_result] | None] = {}
 
-    def _stack(self, parts: tuple[bytes, ...]) -> list[tuple[bytes, os.stat_result]]:
-        """The layer entries that make up `parts` (top first), stopping at whatever hides the rest."""
-        parents = self.dirs(parts[:-1])
-        found = []
-        name = parts[-1]
-        for d in parents or []:
-            if fits_whiteout(name) and _lstat(os.path.join(d, WH + name)) is not None:
-                break
-            path = os.path.join(d, name)
-            st = _lstat(path)
-            if st is None:
-                continue
-            if is_whiteout_device(st):
-                break
-            found.append((path, st))
-            if not stat.S_ISDIR(st.st_mode) or is_opaque(path):
-                break
+    def close(self) -> None:
+        if self._view is not None:
+            self._view.close()
+            self._view = None
+
+    def __enter__(self) -> "LayerView":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _find(self, parts: tuple[bytes, ...]) -> tuple[Node, os.stat_result] | None:
+        """The node and attributes of the visible entry at `parts`, or None; walked once."""
+        if parts in self._found:
+            return self._found[parts]
+        view = self._view
+        if view is None:
+            return None
+        if not parts:
+            root = view.table.root
+            found = self._found[()] = (root, view.stat(root))
+            return found
+        start = len(parts)
+        while start and parts[:start] not in self._found:
+            start -= 1
+        found = self._find(parts[:start])
+        for i in range(start, len(parts)):
+            if found is not None:
+                node = found[0]
+                try:
+                    found = view.lookup(node, parts[i]) if node.is_dir else None
+                except OSError as e:
+                    if e.errno not in ABSENT:
+                        raise
+                    found = None
+            self._found[parts[: i + 1]] = found
         return found
-
-    def dirs(self, parts: tuple[bytes, ...]) -> list[bytes] | None:
-        """The layer directories merged at `parts` (top first), or None if it is not a directory."""
-        parts = tuple(parts)
-        if parts not in self._dirs:
-            stack = self._stack(parts)
-            if stack and stat.S_ISDIR(stack[0][1].st_mode):
-                self._dirs[parts] = [p for p, st in stack if stat.S_ISDIR(st.st_mode)]
-            else:
-                self._dirs[parts] = None
-        return self._dirs[parts]
 
     def lookup(self, parts) -> os.stat_result | None:
         """The lstat of the visible entry at `parts` (a tuple of byte components), or None."""
-        parts = tuple(parts)
-        if not parts:
-            return os.lstat(self.layers[0]) if self.layers else None
-        stack = self._stack(parts)
-        return stack[0][1] if stack else None
+        found = self._find(tuple(parts))
+        return found[1] if found else None
+
+    def is_dir(self, parts) -> bool:
+        """Whether `parts` is a directory of the merged tree."""
+        found = self._find(tuple(parts))
+        return found is not None and found[0].is_dir
 
     def children(self, parts) -> list[bytes]:
         """The visible names in the directory at `parts`, sorted."""
-        hidden: set[bytes] = set()
-        names: set[bytes] = set()
-        for d in self.dirs(tuple(parts)) or []:
-            own_hidden = set()
-            for e in os.listdir(d):
-                if e.startswith(WH):
-                    if not e.startswith(WH + WH):
-                        own_hidden.add(e[len(WH) :])
-                    continue
-                st = _lstat(os.path.join(d, e))
-                if st is None:
-                    continue
-                if is_whiteout_device(st):
-                    own_hidden.add(e)
-                elif e not in hidden:
-                    names.add(e)
-            hidden |= own_hidden
-        return sorted(names)
+        found = self._find(tuple(parts))
+        if found is None or not found[0].is_dir:
+            return []
+        return sorted(name for name, *_ in self._view.listdir(found[0]))
