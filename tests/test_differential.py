@@ -43,6 +43,7 @@ def _build_layers(l1, l2, rnd):
             os.setxattr(p, "trusted.overlay.opaque", b"y")
             break
     os.symlink("a", l2 / "lnk")
+    os.mkfifo(l2 / "fifo", 0o600)
     # hard links of lower files (overlayfs with index=on and pyunion keep them through copy-up)
     files = [p for p in sorted(l2.rglob("*")) if p.is_file() and not p.is_symlink()]
     for i, p in enumerate(files[:2]):
@@ -68,7 +69,8 @@ def _op(rnd, existing):
     kind = rnd.choice(["write", "append", "read", "unlink", "mkdir", "rmdir", "rename", "rename",
                        "chmod", "symlink", "link", "truncate", "listdir", "stat",
                        "setxattr", "getxattr", "removexattr", "listxattr", "exchange",
-                       "noreplace", "utime", "chown", "hold", "fdwrite", "fdread", "fdstat"])
+                       "noreplace", "utime", "chown", "hold", "fdwrite", "fdread", "fdstat",
+                       "mkfifo"])
     return kind, _path(rnd, existing), _path(rnd, existing), rnd.randint(0, 9999)
 
 
@@ -102,9 +104,17 @@ def _apply_held(root, kind, a, n):
     return ("ok", st.st_size, stat.S_IMODE(st.st_mode))
 
 
+OPENS = ("write", "append", "read", "truncate", "hold")  # (fd ops use what "hold" opened)
+
+
 def _apply(root, op):
     kind, p, q, n = op
     a, b = os.path.join(root, p), os.path.join(root, q)
+    try:
+        if kind in OPENS and stat.S_ISFIFO(os.stat(a).st_mode):  # (through symlinks too)
+            return ("fifo",)  # opening it would wait for the other end
+    except OSError:
+        pass
     try:
         if kind in ("hold", "fdwrite", "fdread", "fdstat"):
             return _apply_held(root, kind, a, n)
@@ -121,6 +131,8 @@ def _apply(root, op):
             os.unlink(a)
         elif kind == "mkdir":
             os.mkdir(a)
+        elif kind == "mkfifo":
+            os.mkfifo(a, 0o640)
         elif kind == "rmdir":
             os.rmdir(a)
         elif kind == "rename":
@@ -183,6 +195,8 @@ def _snapshot(root):
                 out[rel] = ("link", os.readlink(p))
             elif stat.S_ISDIR(st.st_mode):
                 out[rel] = ("dir", stat.S_IMODE(st.st_mode), _user_xattrs(p))
+            elif stat.S_ISFIFO(st.st_mode):
+                out[rel] = ("fifo", stat.S_IMODE(st.st_mode), _user_xattrs(p))
             else:
                 with open(p, "rb") as f:
                     out[rel] = ("file", stat.S_IMODE(st.st_mode), f.read(), _user_xattrs(p))
