@@ -144,7 +144,7 @@ def prefault_memory(margin: int = PREFAULT_MARGIN) -> int:
 
 
 @contextlib.contextmanager
-def page_reporting_held_off(knob: Path = PAGE_REPORTING_ORDER):
+def page_reporting_held_off(saved: Path, knob: Path = PAGE_REPORTING_ORDER):
     """Keep the kernel from handing freed memory back to the hypervisor while measuring; yields
     (old order, new order), or None where there is no such setting or it cannot be changed.
 
@@ -153,13 +153,15 @@ def page_reporting_held_off(knob: Path = PAGE_REPORTING_ORDER):
     1.6 s instead of 0.15 s whenever the copy landed on such memory (every writing scenario
     frees its files' page cache at unmount), for whichever system came next. Only blocks of
     at least the reporting order are reported: the largest order the kernel accepts (one past
-    its largest block) stops it. The old order is put back afterwards.
+    its largest block) stops it. The old order is put back afterwards; it is kept in SAVED
+    meanwhile, so that the next run puts it back after a run that was killed.
     """
     try:
-        old = int(knob.read_text())
+        old = int(saved.read_text()) if saved.exists() else int(knob.read_text())
     except (OSError, ValueError):
         yield None
         return
+    saved.write_text(f"{old}\n")
     new = None
     for order in range(max(old, 32), old, -1):  # (the first the kernel takes is the largest)
         try:
@@ -171,8 +173,8 @@ def page_reporting_held_off(knob: Path = PAGE_REPORTING_ORDER):
     try:
         yield (old, new) if new is not None else None
     finally:
-        if new is not None:
-            knob.write_text(f"{old}\n")
+        knob.write_text(f"{old}\n")
+        saved.unlink()
 
 
 def warm_page_cache(root: Path) -> None:
@@ -290,7 +292,7 @@ def run(args, command_line: str) -> dict:
     with contextlib.ExitStack() as stack:
         reporting = None
         if not args.no_prefault:
-            reporting = stack.enter_context(page_reporting_held_off())
+            reporting = stack.enter_context(page_reporting_held_off(out / "page_reporting_order"))
             if reporting:
                 log(f"free page reporting held off (order {reporting[0]} -> {reporting[1]})")
             log("touching free memory once (first-touch costs in VMs) ...")
@@ -361,9 +363,14 @@ def publish(args, data: dict) -> None:
         log(f"recorded {bench_dir / 'RESULTS.md'}")
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command_line = " ".join([".venv/bin/python -m bench", *map(shlex.quote, argv)])
+    signal.signal(signal.SIGTERM, _interrupt)  # (so that what the run changed is put back)
     try:
         args = parse_args(argv)
         data = run(args, command_line)

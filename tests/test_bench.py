@@ -119,20 +119,31 @@ def test_a_killed_runs_scratch_filesystem_is_dropped_by_the_next_run(out):
         subprocess.run(["losetup", "--detach", device], capture_output=True)
 
 
-def test_free_page_reporting_is_held_off_while_measuring_and_put_back():
+def test_free_page_reporting_is_held_off_while_measuring_and_put_back(tmp_path):
     """The run stops the kernel from handing freed memory to the hypervisor (whose next use
     would pay first-touch faults again) with the largest reporting order the kernel takes,
-    and puts the old order back afterwards, also when the run fails."""
+    and puts the old order back afterwards: also when the run fails, and, from the order it
+    saved, at the next run after one that was killed."""
     from bench.run import PAGE_REPORTING_ORDER, page_reporting_held_off
 
     if not PAGE_REPORTING_ORDER.exists():
         pytest.skip("this kernel has no free page reporting")
     old = int(PAGE_REPORTING_ORDER.read_text())
-    with pytest.raises(RuntimeError), page_reporting_held_off() as held:
-        assert held is not None and held[0] == old
-        now = int(PAGE_REPORTING_ORDER.read_text())
-        assert now == held[1] and now > old
-        with pytest.raises(OSError):  # the largest the kernel takes
-            PAGE_REPORTING_ORDER.write_text(f"{now + 1}\n")
-        raise RuntimeError("a failed run")
-    assert int(PAGE_REPORTING_ORDER.read_text()) == old
+    saved = tmp_path / "page_reporting_order"
+    try:
+        with pytest.raises(RuntimeError), page_reporting_held_off(saved) as held:
+            assert held is not None and held[0] == old and int(saved.read_text()) == old
+            now = int(PAGE_REPORTING_ORDER.read_text())
+            assert now == held[1] and now > old
+            with pytest.raises(OSError):  # the largest the kernel takes
+                PAGE_REPORTING_ORDER.write_text(f"{now + 1}\n")
+            raise RuntimeError("a failed run")
+        assert int(PAGE_REPORTING_ORDER.read_text()) == old and not saved.exists()
+        # a killed run left the order raised, and what it was saved
+        saved.write_text(f"{old}\n")
+        PAGE_REPORTING_ORDER.write_text(f"{now}\n")
+        with page_reporting_held_off(saved) as held:
+            assert held == (old, now)
+        assert int(PAGE_REPORTING_ORDER.read_text()) == old and not saved.exists()
+    finally:
+        PAGE_REPORTING_ORDER.write_text(f"{old}\n")
