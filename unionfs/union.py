@@ -253,9 +253,8 @@ class Union(MergedView):
                     raise oserror(errno.ESTALE, node.path)
                 job.finish()
                 fd = self._index_only(t, node, job) if job.st.st_nlink > 1 else None
-                if fd is None:
+                if fd is None:  # a nameless copy, which stands for no other name
                     fd = job.detach()
-                    # a file of one name: the copy stands for nothing else
                     self.table.rekey(node, (-1, node.ino))
                 self._copied(node, t)
                 return fd
