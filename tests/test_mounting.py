@@ -123,6 +123,23 @@ def test_sigterm_right_after_mounting_unmounts_cleanly(union):
     assert os.listdir(union["up"]) == []
 
 
+def test_umount_right_after_mounting_finds_the_mount_free(union):
+    """`pyunion mount` returns once the daemon's start-up probe is done with the mount, so a
+    plain umount(8) right after it never finds the mount busy (it did, now and then: the
+    probe held a directory of the mount open)."""
+    d = union["low"]
+    for i in range(8):
+        d = d / f"d{i}"  # (the probe looks through directories for a file to open)
+    d.mkdir(parents=True)
+    (d / "f").write_text("x")
+    for delay in range(12):
+        union.mount()
+        time.sleep(delay / 1000)
+        r = subprocess.run(["umount", union.mnt], capture_output=True, text=True)
+        assert r.returncode == 0, f"{delay} ms after mounting: {r.stderr.strip()}"
+        assert not is_mounted(union.mnt)
+
+
 def test_foreground_mode(union):
     (union["low"] / "f").write_text("fg")
     proc = subprocess.Popen([*PYUNION, "mount", "-f", "-o", f"logfile={union.log}", union.spec, union.mnt])

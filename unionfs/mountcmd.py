@@ -278,10 +278,11 @@ def mount(specs: list[BranchSpec], mountpoint: str, o: MountOptions, foreground:
         os.close(r)
         os.setsid()
         code = 1
+        ready = Readiness(w)
         try:
-            code = serve(specs, mountpoint, o, workdir, debug, ready=w)
+            code = serve(specs, mountpoint, o, workdir, debug, ready=ready)
         except BaseException as e:  # before ready: tell the parent; after: already logged
-            _report(w, f"{e}")
+            ready.report(f"{e}")
         finally:
             os._exit(code)
     os.close(w)
@@ -305,12 +306,22 @@ def _tune_gc() -> None:
     gc.set_threshold(10_000, 20, 20)
 
 
-def _report(fd: int, text: str) -> None:
-    try:
-        os.write(fd, text.encode())
+class Readiness:
+    """The pipe on which the daemon tells the waiting `pyunion mount` how its start went:
+    "OK", or the error. Only the first report is sent (the pipe is closed after it)."""
+
+    def __init__(self, fd: int):
+        self._fd: int | None = fd
+
+    def report(self, text: str) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            os.write(fd, text.encode())
+        except OSError:
+            pass
         os.close(fd)
-    except OSError:
-        pass
 
 
 def _setup_logging(o: MountOptions, debug: bool, foreground: bool) -> None:
@@ -330,7 +341,8 @@ def _setup_logging(o: MountOptions, debug: bool, foreground: bool) -> None:
     root.handlers[:] = [handler]
 
 
-def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: bool, ready: int | None) -> int:
+def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: bool,
+          ready: Readiness | None) -> int:
     """Mount and serve until unmounted or signalled; READY is a pipe fd told "OK" once live."""
     import pyfuse3
     import trio
@@ -373,7 +385,6 @@ def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: b
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
         os.close(devnull)
-        _report(ready, "OK")
 
     session = None
     if o.extras:
@@ -393,6 +404,8 @@ def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: b
             nursery.start_soon(_stop_on_signal, session.stop if session else pyfuse3.terminate,
                                early_signals)
             nursery.start_soon(_raise_readahead_when_live, ops, real_mountpoint)
+            if ready is not None:
+                nursery.start_soon(_report_ready_when_probed, ready, probe)
             await (session.serve() if session else pyfuse3.main())
             nursery.cancel_scope.cancel()
 
@@ -405,6 +418,8 @@ def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: b
         log.exception("the FUSE main loop failed")
         raise
     finally:
+        if ready is not None:
+            ready.report("OK")  # (it was mounted, whatever ended the loop before the report)
         if probe is not None and probe.poll() is None:
             # it holds a directory of the mount open, which would keep the mount busy; its
             # requests are all answered at once or still queued, so it dies when killed
@@ -421,6 +436,7 @@ def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: b
 
 
 READAHEAD_KB = 1024
+PROBE_WAIT = 1.0  # seconds `pyunion mount` may wait for the start-up probe before it returns
 
 
 def _raise_fd_limit() -> None:
@@ -433,6 +449,19 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         except (OSError, ValueError) as e:
             log.debug("cannot raise the fd limit: %s", e)
+
+
+async def _report_ready_when_probed(ready: Readiness, probe: subprocess.Popen | None) -> None:
+    """Tell the waiting `pyunion mount` that the mount is ready once the start-up probe is
+    done with it: the probe holds a directory of the mount open for a moment, and an
+    unmount right after `pyunion mount` returned found the mount busy."""
+    import trio
+
+    if probe is not None:
+        with trio.move_on_after(PROBE_WAIT):
+            while probe.poll() is None:
+                await trio.sleep(0.001)
+    ready.report("OK")
 
 
 async def _raise_readahead_when_live(ops, mountpoint: str) -> None:
