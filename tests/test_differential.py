@@ -70,7 +70,7 @@ def _op(rnd, existing):
                        "chmod", "symlink", "link", "truncate", "listdir", "stat",
                        "setxattr", "getxattr", "removexattr", "listxattr", "exchange",
                        "noreplace", "utime", "chown", "hold", "fdwrite", "fdread", "fdstat",
-                       "mkfifo"])
+                       "mkfifo", "fallocate", "copyrange"])
     return kind, _path(rnd, existing), _path(rnd, existing), rnd.randint(0, 9999)
 
 
@@ -104,7 +104,8 @@ def _apply_held(root, kind, a, n):
     return ("ok", st.st_size, stat.S_IMODE(st.st_mode))
 
 
-OPENS = ("write", "append", "read", "truncate", "hold")  # (fd ops use what "hold" opened)
+OPENS = ("write", "append", "read", "truncate", "hold", "fallocate", "copyrange")
+# (fd ops use what "hold" opened)
 
 
 def _apply(root, op):
@@ -133,6 +134,26 @@ def _apply(root, op):
             os.mkdir(a)
         elif kind == "mkfifo":
             os.mkfifo(a, 0o640)
+        elif kind == "fallocate":
+            fd = os.open(a, os.O_WRONLY)
+            try:
+                os.posix_fallocate(fd, n % 50, 1 + n % 30)
+                return ("ok", os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
+        elif kind == "copyrange":  # (the kernel copies between the mount's files itself)
+            if stat.S_ISFIFO(os.stat(b).st_mode):
+                return ("fifo",)
+            src = os.open(a, os.O_RDONLY)
+            try:
+                dst = os.open(b, os.O_WRONLY)
+                try:
+                    done = os.copy_file_range(src, dst, 1 + n % 40, n % 5, n % 7)
+                    return ("ok", done, os.fstat(dst).st_size)
+                finally:
+                    os.close(dst)
+            finally:
+                os.close(src)
         elif kind == "rmdir":
             os.rmdir(a)
         elif kind == "rename":
