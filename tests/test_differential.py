@@ -70,7 +70,7 @@ def _op(rnd, existing):
                        "chmod", "symlink", "link", "truncate", "listdir", "stat",
                        "setxattr", "getxattr", "removexattr", "listxattr", "exchange",
                        "noreplace", "utime", "chown", "hold", "fdwrite", "fdread", "fdstat",
-                       "mkfifo", "fallocate", "copyrange"])
+                       "mkfifo", "fallocate", "copyrange", "tmpfile"])
     return kind, _path(rnd, existing), _path(rnd, existing), rnd.randint(0, 9999)
 
 
@@ -134,6 +134,18 @@ def _apply(root, op):
             os.mkdir(a)
         elif kind == "mkfifo":
             os.mkfifo(a, 0o640)
+        elif kind == "tmpfile":  # made in directory A, then named B by linkat
+            fd = os.open(a, os.O_TMPFILE | os.O_RDWR, 0o640)
+            try:
+                os.write(fd, b"t%d" % n)
+                dfd = os.open(os.path.dirname(b), os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.link(f"/proc/self/fd/{fd}", os.path.basename(b), dst_dir_fd=dfd,
+                            follow_symlinks=True)
+                finally:
+                    os.close(dfd)
+            finally:
+                os.close(fd)
         elif kind == "fallocate":
             fd = os.open(a, os.O_WRONLY)
             try:

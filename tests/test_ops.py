@@ -383,3 +383,48 @@ def test_no_fd_leak_over_many_files(union):
     while len(os.listdir(f"/proc/{pid}/fd")) > baseline + 8 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert len(os.listdir(f"/proc/{pid}/fd")) <= baseline + 8  # ...until the kernel forgets them
+
+
+def _link_at(fd, directory, name):
+    """linkat(2) of an open file by its /proc fd link (the way to name an O_TMPFILE file)."""
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dfd, follow_symlinks=True)
+    finally:
+        os.close(dfd)
+
+
+def test_tmpfile_is_made_in_the_writable_branch_and_named_by_linkat(union, make_union):
+    """open(DIR, O_TMPFILE) makes a file with no name in DIR's copy in the writable branch
+    (copied up first, as on overlayfs); linkat gives it a name that shows what was written
+    before and after; a tmpfile nobody links leaves nothing behind. (It answered
+    EOPNOTSUPP: the kernel's TMPFILE request was not served.)"""
+    (union["low"] / "d").mkdir()
+    (union["low"] / "d" / "f").write_text("lower")
+    union.mount()
+    fd = os.open(union / "d", os.O_TMPFILE | os.O_RDWR, 0o640)
+    try:
+        os.write(fd, b"early")
+        assert os.fstat(fd).st_nlink == 0 and os.fstat(fd).st_size == 5
+        assert os.listdir(union / "d") == ["f"] and os.listdir(union["up"] / "d") == []
+        _link_at(fd, union / "d", "named")
+        os.write(fd, b"+late")
+        assert (union / "d" / "named").read_text() == "early+late"
+        st = os.stat(union / "d" / "named")
+        assert st.st_ino == os.fstat(fd).st_ino and st.st_nlink == 1
+        assert stat.S_IMODE(st.st_mode) == 0o640
+    finally:
+        os.close(fd)
+    fd = os.open(union.mnt, os.O_TMPFILE | os.O_WRONLY, 0o600)
+    os.write(fd, b"never named")
+    os.close(fd)
+    assert sorted(os.listdir(union.mnt)) == ["d"]
+    union.umount()
+    assert sorted(os.listdir(union["up"])) == ["d"]
+    assert (union["up"] / "d" / "named").read_text() == "early+late"
+    assert sorted(os.listdir(union["low"] / "d")) == ["f"]  # the lower branch as it was
+    ro = make_union(("up", "rw"), ("low", "ro"), name="ro", options=("ro",))
+    ro.mount()
+    with pytest.raises(OSError) as e:
+        os.open(ro.mnt, os.O_TMPFILE | os.O_RDWR, 0o600)
+    assert e.value.errno == errno.EROFS

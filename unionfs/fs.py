@@ -326,7 +326,7 @@ class UnionOperations(pyfuse3.Operations):
     async def do_link(self, inode: int, new_parent_inode: int, new_name: bytes):
         node = self._node(inode)
         await self._copy_up(node)
-        return self.union.link(node, self._node(new_parent_inode), new_name)
+        return self.union.link(node, self._node(new_parent_inode), new_name, self.data.current(node))
 
     @_handler
     async def unlink(self, parent_inode, name, ctx):
@@ -386,6 +386,12 @@ class UnionOperations(pyfuse3.Operations):
     def do_create(self, parent_inode: int, name: bytes, mode: int, flags: int, uid: int, gid: int):
         fd, node, st = self.union.create(self._node(parent_inode), name, mode, flags, uid, gid)
         self.data.put(node, fd, True)
+        return node, st
+
+    def do_tmpfile(self, parent_inode: int, mode: int, flags: int, uid: int, gid: int):
+        """An open file with no name (O_TMPFILE): its fd is all that holds it, so it is pinned."""
+        fd, node, st = self.union.tmpfile(self._node(parent_inode), mode, flags, uid, gid)
+        self.data.pin_fd(node, fd, True)
         return node, st
 
     @_handler

@@ -50,6 +50,7 @@ WANTED = (wire.ASYNC_READ | wire.BIG_WRITES | wire.AUTO_INVAL_DATA | wire.DO_REA
           | wire.HANDLE_KILLPRIV_V2)
 
 
+ATTR_NLINK = 10  # where the link count is in Session._attr's fields
 _PADS = [b"\0" * n for n in range(8)]  # what aligns a dirent's name to 8 bytes
 
 # where the first name of a request starts (for the debug log)
@@ -151,7 +152,7 @@ class Session:
             wire.FLUSH: self._unsupported, wire.OPENDIR: self._opendir,
             wire.READDIR: self._readdir, wire.READDIRPLUS: self._readdirplus,
             wire.RELEASEDIR: self._releasedir, wire.FSYNCDIR: self._fsyncdir,
-            wire.ACCESS: self._access, wire.CREATE: self._create,
+            wire.ACCESS: self._access, wire.CREATE: self._create, wire.TMPFILE: self._tmpfile,
             wire.INTERRUPT: self._interrupt, wire.FALLOCATE: self._fallocate,
             wire.LSEEK: self._lseek,
         }
@@ -323,6 +324,7 @@ class Session:
         self._send(unique)
 
     def _attr(self, node, st: os.stat_result) -> tuple:
+        """An attr's fields (see wire.ATTR), in order; ATTR_NLINK indexes the link count."""
         a, m, c = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
         return (node.ino, st.st_size, st.st_blocks, a // NS, m // NS, c // NS, a % NS, m % NS,
                 c % NS, st.st_mode, self._nlink(node, st), st.st_uid, st.st_gid,
@@ -488,6 +490,19 @@ class Session:
         uid, gid, _ = self._caller
         found = self.ops.do_create(nodeid, name, mode, flags, uid, gid)
         self._new_entry(unique, found, wire.OPEN_OUT.pack(found[0].ino, wire.FOPEN_KEEP_CACHE, 0))
+
+    def _tmpfile(self, unique, nodeid, length):
+        """O_TMPFILE: laid out as CREATE, its name a placeholder. The kernel takes the new
+        file's one link away itself as it makes it nameless, so the reply says it has one."""
+        flags, mode, _, _ = wire.CREATE_IN.unpack_from(self._buf, BODY)
+        uid, gid, _ = self._caller
+        node, st = self.ops.do_tmpfile(nodeid, mode, flags, uid, gid)
+        (es, ens), (as_, ans) = self._entry_valid, self._attr_valid
+        attrs = list(self._attr(node, st))
+        attrs[ATTR_NLINK] = 1
+        if self._send(unique, ENTRY_OUT.pack(node.ino, 0, es, as_, ens, ans, *attrs),
+                      wire.OPEN_OUT.pack(node.ino, wire.FOPEN_KEEP_CACHE, 0)):
+            node.lookups += 1
 
     def _read(self, unique, nodeid, length):
         _, offset, size, _, _, _, _ = wire.READ_IN.unpack_from(self._buf, BODY)

@@ -467,6 +467,32 @@ class Union(MergedView):
             raise
         return fd, node, st
 
+    def tmpfile(self, parent: Node, mode: int, flags: int, uid: int, gid: int):
+        """Create an open file with no name in directory PARENT (O_TMPFILE): made in PARENT's
+        directory of the writable branch, copied up first if need be, as overlayfs does; it
+        gets a name if the kernel links it (see link). Returns (fd, node, attrs)."""
+        t = self._target(parent)
+        pfd = self.ensure_dir(t, parent)
+        uid, gid, _ = self._owner(pfd, uid, gid)
+        flags = (flags & ~(os.O_ACCMODE | os.O_TMPFILE)) | os.O_RDWR
+        fd = os.open(b".", _open_flags(flags) | os.O_TMPFILE, stat.S_IMODE(mode), dir_fd=pfd)
+        try:
+            os.fchown(fd, uid, gid)
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        key = (st.st_dev, st.st_ino)
+        self.origin.pop(key, None)
+        old = self.table.by_key.get(key)
+        if old is not None:  # a stale node whose inode number the filesystem reused
+            self.table.rekey(old, (-1, old.ino))
+        # (no name: its path, PARENT/, names nothing, so only its fd reaches it)
+        node = Node(self.table.ino_for(key), key, parent.path + b"/", t, False)
+        node.parent = parent
+        self.table.add(node)
+        return fd, node, st
+
     def _make(self, parent: Node, name: bytes, uid: int, gid: int, build) -> tuple[Node, os.stat_result]:
         """Create a non-directory with BUILD(dirfd, name) and give it to the caller."""
         _, pfd, wh = self._prepare_new(parent, name)
@@ -522,20 +548,28 @@ class Union(MergedView):
             self._clear_whiteout(pfd, name)
         return self._new_node(parent, name, pfd)
 
-    def link(self, node: Node, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
+    def link(self, node: Node, parent: Node, name: bytes, fd: int | None = None) -> tuple[Node, os.stat_result]:
+        """Give NODE the new name NAME in PARENT; FD: its open data, by which a file with no
+        name yet (O_TMPFILE) is linked."""
         if node.is_dir:
             raise oserror(errno.EPERM, name)
         _, pfd, wh = self._prepare_new(parent, name)
         self.copy_up(node)
         if node.branch != self.top_rw:
             raise oserror(errno.EXDEV, name)
-        sfd, sname = self._location(node)
-        os.link(sname, name, src_dir_fd=sfd, dst_dir_fd=pfd, follow_symlinks=False)
+        if not node.name and fd is not None:  # (the kernel links only such a nameless file)
+            os.link(syscalls.proc_path(fd), name, dst_dir_fd=pfd, follow_symlinks=True)
+        else:
+            sfd, sname = self._location(node)
+            os.link(sname, name, src_dir_fd=sfd, dst_dir_fd=pfd, follow_symlinks=False)
         if wh:
             self._clear_whiteout(pfd, name)
-        if node.aliases is None:
-            node.aliases = {}
-        node.aliases[join(parent.path, name)] = parent
+        if not node.name:
+            node.path, node.parent = join(parent.path, name), parent
+        else:
+            if node.aliases is None:
+                node.aliases = {}
+            node.aliases[join(parent.path, name)] = parent
         for h in parent.handles or ():
             h.removed.discard(name)
         return node, self.stat(node)
