@@ -3,6 +3,7 @@ must give the same merged view, contents and error numbers."""
 
 import ctypes
 import errno
+import mmap
 import os
 import random
 import stat
@@ -70,7 +71,7 @@ def _op(rnd, existing):
                        "chmod", "symlink", "link", "truncate", "listdir", "stat",
                        "setxattr", "getxattr", "removexattr", "listxattr", "exchange",
                        "noreplace", "utime", "chown", "hold", "fdwrite", "fdread", "fdstat",
-                       "mkfifo", "fallocate", "copyrange", "tmpfile"])
+                       "mkfifo", "fallocate", "copyrange", "tmpfile", "mmapwrite"])
     return kind, _path(rnd, existing), _path(rnd, existing), rnd.randint(0, 9999)
 
 
@@ -104,7 +105,7 @@ def _apply_held(root, kind, a, n):
     return ("ok", st.st_size, stat.S_IMODE(st.st_mode))
 
 
-OPENS = ("write", "append", "read", "truncate", "hold", "fallocate", "copyrange")
+OPENS = ("write", "append", "read", "truncate", "hold", "fallocate", "copyrange", "mmapwrite")
 # (fd ops use what "hold" opened)
 
 
@@ -144,6 +145,18 @@ def _apply(root, op):
                             follow_symlinks=True)
                 finally:
                     os.close(dfd)
+            finally:
+                os.close(fd)
+        elif kind == "mmapwrite":  # (written back by the kernel, not by a write call)
+            fd = os.open(a, os.O_RDWR)
+            try:
+                size = os.fstat(fd).st_size
+                if size == 0:
+                    return ("empty",)
+                with mmap.mmap(fd, size) as m:
+                    m[n % size] = ord("M")
+                    m.flush()
+                return ("ok", os.pread(fd, 200, 0))
             finally:
                 os.close(fd)
         elif kind == "fallocate":
