@@ -3,6 +3,7 @@
 import ctypes
 import errno
 import os
+import shutil
 import stat
 import subprocess
 
@@ -423,3 +424,30 @@ def test_writing_a_file_whose_name_a_rename_took(union, read_first):
     finally:
         os.close(fd)
     assert os.listdir(union.mnt) == ["f"]
+
+
+@pytest.mark.parametrize("upper_too", [False, True])
+def test_writing_an_open_lower_file_whose_directory_was_removed(union, upper_too):
+    """A lower file held open while its directory is removed (rm -rf), then written through
+    the open file: the write lands in a copy with no name, as on overlayfs (it failed with
+    ENOENT: the copy-up looked for the directory in the writable branch), and the removed
+    directory stays removed."""
+    (union["low"] / "d").mkdir()
+    (union["low"] / "d" / "f").write_text("data")
+    (union["low"] / "d" / "g").write_text("g")
+    if upper_too:
+        (union["up"] / "d").mkdir()
+        (union["up"] / "d" / "h").write_text("h")
+    union.mount()
+    fd = os.open(union / "d" / "f", os.O_RDWR)
+    try:
+        shutil.rmtree(union / "d")
+        os.pwrite(fd, b"XX", 0)
+        assert os.pread(fd, 100, 0) == b"XXta"
+        assert os.listdir(union.mnt) == []
+    finally:
+        os.close(fd)
+    assert sorted(os.listdir(union["up"])) == [".wh..wh.pyunion", ".wh.d"]
+    union.umount()
+    assert os.listdir(union["up"]) == [".wh.d"]
+    assert (union["low"] / "d" / "f").read_text() == "data"  # the lower branch as it was

@@ -217,12 +217,12 @@ class Union(MergedView):
         if node.is_dir:
             self.ensure_dir(t, node)
             return None
-        pfd = self.ensure_dir(t, node.parent)
+        pfd = self._ensure_parent(t, node)
         src = self.dirs.get(node.branch, node.parent.path)
         st = syscalls.lstat_at(src, node.name)
         if st is None:
             raise oserror(errno.ENOENT, node.path)
-        up = syscalls.lstat_at(pfd, node.name)
+        up = syscalls.lstat_at(pfd, node.name) if pfd is not None else None
         if up is not None and self._key(up) == node.key:
             raise oserror(errno.EEXIST, node.path)  # (copied up meanwhile)
         # (another file there: its name was taken while the kernel held it, and the copy
@@ -248,7 +248,9 @@ class Union(MergedView):
                 return None
             # the name must still show the entry we copied: not removed, not replaced (a
             # hard-linked file continues under another known name that still shows it)
-            if not self._shows(node, job.st) and not self._take_alias(node):
+            shows = self._shows(node, job.st) or self._take_alias(node)
+            pfd = self._ensure_parent(t, node) if shows else None
+            if pfd is None:
                 if not stat.S_ISREG(job.st.st_mode):
                     raise oserror(errno.ESTALE, node.path)
                 job.finish()
@@ -258,7 +260,6 @@ class Union(MergedView):
                     self.table.rekey(node, (-1, node.ino))
                 self._copied(node, t)
                 return fd
-            pfd = self.ensure_dir(t, node.parent)
             job.finish()
             self._publish(job, pfd, node.name)
         except BaseException:
@@ -271,6 +272,15 @@ class Union(MergedView):
             self._index(t, pfd, node.name, node.key, new, job.st.st_nlink)
         self._link_aliases(node, t, pfd)
         return None
+
+    def _ensure_parent(self, t: int, node: Node) -> int | None:
+        """The fd of NODE's directory in branch T, copied up if need be; None if that
+        directory went from the merged view (a file removed with its directory while the
+        kernel held it open: its copy will have no name)."""
+        try:
+            return self.ensure_dir(t, node.parent)
+        except FileNotFoundError:
+            return None
 
     def _take_alias(self, node: Node) -> bool:
         """NODE's name no longer shows it: continue under another known name that does."""
