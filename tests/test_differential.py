@@ -1,13 +1,17 @@
 """Differential test: random operations on pyunion and on kernel overlayfs over the same layers
 must give the same merged view, contents and error numbers."""
 
+import contextlib
 import ctypes
 import errno
 import mmap
 import os
 import random
+import shutil
+import signal
 import stat
 import subprocess
+import zlib
 
 import pytest
 
@@ -71,7 +75,8 @@ def _op(rnd, existing):
                        "chmod", "symlink", "link", "truncate", "listdir", "stat",
                        "setxattr", "getxattr", "removexattr", "listxattr", "exchange",
                        "noreplace", "utime", "chown", "hold", "fdwrite", "fdread", "fdstat",
-                       "mkfifo", "fallocate", "copyrange", "tmpfile", "mmapwrite"])
+                       "mkfifo", "fallocate", "copyrange", "tmpfile", "mmapwrite", "rmtree",
+                       "scanremove"])
     return kind, _path(rnd, existing), _path(rnd, existing), rnd.randint(0, 9999)
 
 
@@ -105,7 +110,8 @@ def _apply_held(root, kind, a, n):
     return ("ok", st.st_size, stat.S_IMODE(st.st_mode))
 
 
-OPENS = ("write", "append", "read", "truncate", "hold", "fallocate", "copyrange", "mmapwrite")
+OPENS = ("write", "append", "read", "truncate", "hold", "fallocate", "copyrange", "mmapwrite",
+         "rmtree")
 # (fd ops use what "hold" opened)
 
 
@@ -147,6 +153,16 @@ def _apply(root, op):
                     os.close(dfd)
             finally:
                 os.close(fd)
+        elif kind == "rmtree":
+            shutil.rmtree(a)
+        elif kind == "scanremove":  # remove about half the files while reading the listing
+            seen = []
+            with os.scandir(a) as it:
+                for e in it:  # (in each system's own order: which ones go must not depend on it)
+                    seen.append(e.name)
+                    if zlib.crc32(e.name.encode()) % 2 == n % 2 and not e.is_dir(follow_symlinks=False):
+                        os.unlink(e.path)
+            return ("ok", sorted(seen), sorted(os.listdir(a)))
         elif kind == "mmapwrite":  # (written back by the kernel, not by a write call)
             fd = os.open(a, os.O_RDWR)
             try:
@@ -222,6 +238,25 @@ def _apply(root, op):
         return ("err", errno.errorcode.get(e.errno, e.errno))
 
 
+class Hung(Exception):
+    """An operation did not return (not an OSError, which _apply would record)."""
+
+
+@contextlib.contextmanager
+def _time_limit(seconds, what):
+    """Fail, rather than hang the suite, if an operation blocks (as opening a FIFO would)."""
+    def expire(signum, frame):
+        raise Hung(f"{what}: no answer in {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def _user_xattrs(path):
     return sorted((k, os.getxattr(path, k, follow_symlinks=False))
                   for k in os.listxattr(path, follow_symlinks=False) if k.startswith("user."))
@@ -293,7 +328,8 @@ def test_same_behaviour_as_overlayfs(make_union, tmp_path, seed, options, long_r
         outcomes = {"ok": 0, "err": 0}
         for i in range(400):
             op = _op(rnd, _existing(u.mnt))
-            ours, theirs = _apply(u.mnt, op), _apply(ovl / "mnt", op)
+            with _time_limit(60, f"step {i}: {op}"):
+                ours, theirs = _apply(u.mnt, op), _apply(ovl / "mnt", op)
             assert ours == theirs, f"step {i}: {op}: pyunion {ours} != overlayfs {theirs}"
             outcomes[ours[0]] = outcomes.get(ours[0], 0) + 1
             if i % 25 == 0:
