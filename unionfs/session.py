@@ -50,7 +50,6 @@ WANTED = (wire.ASYNC_READ | wire.BIG_WRITES | wire.AUTO_INVAL_DATA | wire.DO_REA
           | wire.HANDLE_KILLPRIV_V2)
 
 
-ATTR_NLINK = 10  # where the link count is in Session._attr's fields
 _PADS = [b"\0" * n for n in range(8)]  # what aligns a dirent's name to 8 bytes
 
 # where the first name of a request starts (for the debug log)
@@ -323,21 +322,21 @@ class Session:
     def _ok(self, unique: int, _result=None) -> None:
         self._send(unique)
 
-    def _attr(self, node, st: os.stat_result) -> tuple:
-        """An attr's fields (see wire.ATTR), in order; ATTR_NLINK indexes the link count."""
+    def _attr(self, node, st: os.stat_result, nlink: int | None = None) -> tuple:
         a, m, c = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
         return (node.ino, st.st_size, st.st_blocks, a // NS, m // NS, c // NS, a % NS, m % NS,
-                c % NS, st.st_mode, self._nlink(node, st), st.st_uid, st.st_gid,
-                st.st_rdev & 0xFFFFFFFF, st.st_blksize, 0)
+                c % NS, st.st_mode, self._nlink(node, st) if nlink is None else nlink, st.st_uid,
+                st.st_gid, st.st_rdev & 0xFFFFFFFF, st.st_blksize, 0)
 
-    def _entry(self, node, st: os.stat_result) -> bytes:
+    def _entry(self, node, st: os.stat_result, nlink: int | None = None) -> bytes:
         (es, ens), (as_, ans) = self._entry_valid, self._attr_valid
-        return ENTRY_OUT.pack(node.ino, 0, es, as_, ens, ans, *self._attr(node, st))
+        return ENTRY_OUT.pack(node.ino, 0, es, as_, ens, ans, *self._attr(node, st, nlink))
 
-    def _new_entry(self, unique: int, found: tuple, *more: bytes) -> None:
-        """Reply with an entry the kernel then holds a reference to."""
+    def _new_entry(self, unique: int, found: tuple, *more: bytes, nlink: int | None = None) -> None:
+        """Reply with an entry the kernel then holds a reference to (NLINK: its link count,
+        if not the file's own)."""
         node, st = found
-        if self._send(unique, self._entry(node, st), *more):
+        if self._send(unique, self._entry(node, st, nlink), *more):
             node.lookups += 1
 
     def _attr_reply(self, unique: int, node, st: os.stat_result) -> None:
@@ -496,13 +495,9 @@ class Session:
         file's one link away itself as it makes it nameless, so the reply says it has one."""
         flags, mode, _, _ = wire.CREATE_IN.unpack_from(self._buf, BODY)
         uid, gid, _ = self._caller
-        node, st = self.ops.do_tmpfile(nodeid, mode, flags, uid, gid)
-        (es, ens), (as_, ans) = self._entry_valid, self._attr_valid
-        attrs = list(self._attr(node, st))
-        attrs[ATTR_NLINK] = 1
-        if self._send(unique, ENTRY_OUT.pack(node.ino, 0, es, as_, ens, ans, *attrs),
-                      wire.OPEN_OUT.pack(node.ino, wire.FOPEN_KEEP_CACHE, 0)):
-            node.lookups += 1
+        found = self.ops.do_tmpfile(nodeid, mode, flags, uid, gid)
+        self._new_entry(unique, found, wire.OPEN_OUT.pack(found[0].ino, wire.FOPEN_KEEP_CACHE, 0),
+                        nlink=1)
 
     def _read(self, unique, nodeid, length):
         _, offset, size, _, _, _, _ = wire.READ_IN.unpack_from(self._buf, BODY)

@@ -444,20 +444,24 @@ class Union(MergedView):
 
     def _new_node(self, parent: Node, name: bytes, pfd: int) -> tuple[Node, os.stat_result]:
         st = syscalls.lstat_at(pfd, name)
+        for h in parent.handles or ():
+            h.removed.discard(name)
+        return self._add_new(parent, join(parent.path, name), st), st
+
+    def _add_new(self, parent: Node, path: bytes, st: os.stat_result) -> Node:
+        """The node of a file just made in the top writable branch, at PATH in PARENT."""
         key = (st.st_dev, st.st_ino)
         # a new file: whatever was known of an earlier file with its inode number is stale
         self.origin.pop(key, None)
         old = self.table.by_key.get(key)
         if old is not None:  # a stale node whose inode number the filesystem reused
             self.table.rekey(old, (-1, old.ino))
-        node = Node(self.table.ino_for(key), key, join(parent.path, name), self.top_rw, stat.S_ISDIR(st.st_mode))
+        node = Node(self.table.ino_for(key), key, path, self.top_rw, stat.S_ISDIR(st.st_mode))
         node.parent = parent
         if node.is_dir:
             node.layers, node.stop = (self.top_rw,), self.top_rw
         self.table.add(node)
-        for h in parent.handles or ():
-            h.removed.discard(name)
-        return node, st
+        return node
 
     def create(self, parent: Node, name: bytes, mode: int, flags: int, uid: int, gid: int):
         """Create and open a regular file; returns (fd, node, attrs)."""
@@ -492,16 +496,8 @@ class Union(MergedView):
         except BaseException:
             os.close(fd)
             raise
-        key = (st.st_dev, st.st_ino)
-        self.origin.pop(key, None)
-        old = self.table.by_key.get(key)
-        if old is not None:  # a stale node whose inode number the filesystem reused
-            self.table.rekey(old, (-1, old.ino))
         # (no name: its path, PARENT/, names nothing, so only its fd reaches it)
-        node = Node(self.table.ino_for(key), key, parent.path + b"/", t, False)
-        node.parent = parent
-        self.table.add(node)
-        return fd, node, st
+        return fd, self._add_new(parent, parent.path + b"/", st), st
 
     def _make(self, parent: Node, name: bytes, uid: int, gid: int, build) -> tuple[Node, os.stat_result]:
         """Create a non-directory with BUILD(dirfd, name) and give it to the caller."""
