@@ -10,6 +10,7 @@ import errno
 import os
 from collections import OrderedDict
 
+from unionfs import syscalls
 from unionfs.inodes import Node
 
 
@@ -89,7 +90,7 @@ class DataFds:
     def _reopen_writable(self, node: Node, fd: int) -> int:
         if not self.union.branches[node.branch].writable:  # (never a lower branch's file)
             raise OSError(errno.EROFS, os.strerror(errno.EROFS))
-        return os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+        return os.open(syscalls.proc_path(fd), os.O_RDWR | os.O_CLOEXEC)
 
     def pin_fd(self, node: Node, fd: int, writable: bool) -> None:
         """Pin FD as NODE's data: the file has no name left to open it by."""
