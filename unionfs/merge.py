@@ -154,7 +154,10 @@ class MergedView:
         result = Probe(stop=parent.stop)
         merging = True
         path = join(parent.path, name)
-        bottom = len(self.branches) - 1  # (a whiteout there hides nothing)
+        # whiteouts to look for: a `.wh.` file if NAME's fits, and none in the bottom branch,
+        # where it would hide nothing (devices show in the lstat of NAME itself)
+        wh_file = whiteout_name(name) if fits_whiteout(name) else None
+        bottom = len(self.branches) - 1
         for b in self.layers(parent):
             br = self.branches[b]
             dfd = self.dirs.lookup(b, parent.path)
@@ -178,8 +181,8 @@ class MergedView:
                         result.stop = b if len(result.entries) == 1 else b - 1
                 if not merging and (not full or self._probed_enough(result)):
                     break
-            if br.honours_whiteouts and b != bottom and fits_whiteout(name) \
-                    and syscalls.exists_at(dfd, whiteout_name(name)):
+            if wh_file and br.honours_whiteouts and b != bottom \
+                    and syscalls.exists_at(dfd, wh_file):
                 if merging:
                     result.stop = b
                 break
