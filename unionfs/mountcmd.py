@@ -343,7 +343,8 @@ def _setup_logging(o: MountOptions, debug: bool, foreground: bool) -> None:
 
 def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: bool,
           ready: Readiness | None) -> int:
-    """Mount and serve until unmounted or signalled; READY is a pipe fd told "OK" once live."""
+    """Mount and serve until unmounted or signalled; READY is told "OK" once the mount is
+    live and the start-up probe is done with it (see _report_ready_when_probed)."""
     import pyfuse3
     import trio
 
