@@ -348,14 +348,26 @@ class UnionOperations(pyfuse3.Operations):
 
     async def do_rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                         name_new: bytes, flags: int) -> None:
-        old_parent = self._node(parent_inode_old)
-        try:  # copy a big file up outside the event loop first
-            node, _ = self.union.lookup(old_parent, name_old)
-            if not node.is_dir:
-                await self._copy_up(node)
+        node = self.rename_copy_due(parent_inode_old, name_old)
+        if node is not None:  # copy a big file up outside the event loop first
+            await self._copy_up(node)
+        self.rename_now(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    def rename_copy_due(self, parent_inode_old: int, name_old: bytes) -> Node | None:
+        """The file that renaming NAME_OLD first copies up (do_rename), or None: then the
+        rename is all metadata and rename_now can do it at once."""
+        try:
+            node, _ = self.union.lookup(self._node(parent_inode_old), name_old)
         except FileNotFoundError:
-            pass
-        self.union.rename(old_parent, name_old, self._node(parent_inode_new), name_new, flags)
+            return None  # (rename_now says so)
+        if node.is_dir or not self.union.needs_copy_up(node):
+            return None
+        return node
+
+    def rename_now(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                   name_new: bytes, flags: int) -> None:
+        self.union.rename(self._node(parent_inode_old), name_old, self._node(parent_inode_new),
+                          name_new, flags)
 
     # ------------------------------------------------------------------ files
 

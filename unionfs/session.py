@@ -459,14 +459,21 @@ class Session:
     def _rename(self, unique, nodeid, length):
         newdir, = wire.RENAME_IN.unpack_from(self._buf, BODY)
         old, new = self._two_names(BODY + wire.RENAME_IN.size, length)
-        self._spawn(unique, wire.RENAME, nodeid, self.ops.do_rename(nodeid, old, newdir, new, 0),
-                    self._ok)
+        self._rename_as(unique, wire.RENAME, nodeid, old, newdir, new, 0)
 
     def _rename2(self, unique, nodeid, length):
         newdir, flags, _ = wire.RENAME2_IN.unpack_from(self._buf, BODY)
         old, new = self._two_names(BODY + wire.RENAME2_IN.size, length)
-        self._spawn(unique, wire.RENAME2, nodeid,
-                    self.ops.do_rename(nodeid, old, newdir, new, flags), self._ok)
+        self._rename_as(unique, wire.RENAME2, nodeid, old, newdir, new, flags)
+
+    def _rename_as(self, unique, opcode, nodeid, old, newdir, new, flags):
+        """A rename that must copy a file up first waits as a task; the rest are answered at once."""
+        if self.ops.rename_copy_due(nodeid, old) is None:
+            self.ops.rename_now(nodeid, old, newdir, new, flags)
+            self._send(unique)
+        else:
+            self._spawn(unique, opcode, nodeid, self.ops.do_rename(nodeid, old, newdir, new, flags),
+                        self._ok)
 
     def _link(self, unique, nodeid, length):
         old, = wire.LINK_IN.unpack_from(self._buf, BODY)
