@@ -138,6 +138,31 @@ def test_fsync_and_fsyncdir(union):
     assert (union["up"] / "f").read_bytes() == b"data"
 
 
+@pytest.mark.parametrize("extras", ["", "noextras"])
+def test_fsync_small_and_big_writes_and_untouched_lower_files(union, extras):
+    """A file with little written since its last fsync is synced in the loop, one with much
+    in a worker thread (which answers the kernel itself); both reach the writable branch. A
+    lower file opened only for reading has nothing to sync and is not copied up."""
+    (union["low"] / "small").write_bytes(b"lower")
+    (union["low"] / "kept").write_bytes(b"lower")
+    union.mount(*filter(None, [extras]))
+    big = os.urandom(3 << 20)
+    for name, data in (("small", b"upper"), ("big", big), ("small", b"again")):
+        fd = os.open(union / name, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
+        os.write(fd, data)
+        os.fsync(fd)
+        os.write(fd, data[:100])  # then a little more: the next fsync is a quick one
+        os.fdatasync(fd)
+        os.close(fd)
+        assert (union["up"] / name).read_bytes() == data + data[:100]
+        assert (union / name).read_bytes() == data + data[:100]
+    fd = os.open(union / "kept", os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    assert not (union["up"] / "kept").exists()
+    assert (union["low"] / "small").read_bytes() == b"lower"
+
+
 def test_access(union):
     (union["low"] / "x").write_text("#!/bin/sh\n")
     os.chmod(union["low"] / "x", 0o755)

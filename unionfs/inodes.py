@@ -21,7 +21,7 @@ class Node:
     """An inode of the merged view."""
 
     __slots__ = ("ino", "key", "path", "branch", "is_dir", "lookups", "opens", "layers",
-                 "stop", "parent", "aliases", "handles", "xattrs")
+                 "stop", "parent", "aliases", "handles", "xattrs", "unsynced")
 
     def __init__(self, ino: int, key: Key, path: bytes, branch: int, is_dir: bool):
         self.ino = ino
@@ -40,6 +40,7 @@ class Node:
         self.handles: list | None = None  # open directory handles (directories only)
         # names of the extended attributes it has (None: not read yet); see MergedView.getxattr
         self.xattrs: tuple[bytes, ...] | None = None
+        self.unsynced = 0  # bytes written through the mount since its last fsync began
 
     @property
     def name(self) -> bytes:

@@ -531,9 +531,30 @@ class Session:
         self._send(unique)  # nothing is kept per open
 
     def _fsync(self, unique, nodeid, length):
+        """An fsync likely to be quick runs in the loop, unless other requests wait; the rest
+        run in a worker thread, which also answers: the client goes on as soon as its data is
+        on disk, without waiting for the loop to hear that the thread is done."""
         _, flags, _ = wire.FSYNC_IN.unpack_from(self._buf, BODY)
-        self._spawn(unique, wire.FSYNC, nodeid,
-                    self.ops.do_fsync(nodeid, bool(flags & wire.FSYNC_FDATASYNC)), self._ok)
+        job = self.ops.fsync_job(nodeid, bool(flags & wire.FSYNC_FDATASYNC))
+        if job is None:
+            self._send(unique)
+            return
+        sync, quick = job
+        if quick and not self._poller.poll(0):
+            sync()
+            self._send(unique)
+            return
+
+        def sync_and_answer():
+            try:
+                sync()
+            except OSError as e:
+                self._error(unique, e.errno or errno.EIO)
+            else:
+                self._send(unique)
+
+        self._spawn(unique, wire.FSYNC, nodeid, self.ops.in_worker(sync_and_answer),
+                    lambda unique, _: None)  # (answered already)
 
     def _fallocate(self, unique, nodeid, length):
         _, offset, size, mode, _ = wire.FALLOCATE_IN.unpack_from(self._buf, BODY)
