@@ -299,6 +299,14 @@ class Session:
         self._tasks += 1
         self._nursery.start_soon(run)
 
+    def _now_or_task(self, unique: int, opcode: int, nodeid: int, node, coro, answer) -> None:
+        """Run a change of NODE that copies it up first: at once if no copy-up is due (CORO
+        then waits for nothing), else as a task, since the copy may be big."""
+        if self.union.needs_copy_up(node):
+            self._spawn(unique, opcode, nodeid, coro, answer)
+        else:
+            answer(unique, _run_now(coro))
+
     # ------------------------------------------------------------------ replies
 
     def _send(self, unique: int, *parts) -> bool:
@@ -478,7 +486,8 @@ class Session:
     def _link(self, unique, nodeid, length):
         old, = wire.LINK_IN.unpack_from(self._buf, BODY)
         name = self._name(BODY + wire.LINK_IN.size, length)
-        self._spawn(unique, wire.LINK, nodeid, self.ops.do_link(old, nodeid, name), self._new_entry)
+        self._now_or_task(unique, wire.LINK, nodeid, self.ops._node(old),
+                          self.ops.do_link(old, nodeid, name), self._new_entry)
 
     # ------------------------------------------------------------------ files
 
@@ -686,13 +695,13 @@ class Session:
         end = self._buf.index(b"\0", start, length)
         name = bytes(self._view[start:end])
         value = bytes(self._view[end + 1:end + 1 + size])
-        self._spawn(unique, wire.SETXATTR, nodeid,
-                    self.ops.setxattr(nodeid, name, value, Caller(*self._caller)), self._ok)
+        self._now_or_task(unique, wire.SETXATTR, nodeid, self.ops._node(nodeid),
+                          self.ops.setxattr(nodeid, name, value, Caller(*self._caller)), self._ok)
 
     def _removexattr(self, unique, nodeid, length):
         name = self._name(BODY, length)
-        self._spawn(unique, wire.REMOVEXATTR, nodeid,
-                    self.ops.removexattr(nodeid, name, Caller(*self._caller)), self._ok)
+        self._now_or_task(unique, wire.REMOVEXATTR, nodeid, self.ops._node(nodeid),
+                          self.ops.removexattr(nodeid, name, Caller(*self._caller)), self._ok)
 
     def _access(self, unique, nodeid, length):
         mask, _ = wire.ACCESS_IN.unpack_from(self._buf, BODY)
