@@ -110,7 +110,7 @@ class CopyJob:
         """The long part for big files; safe to run in a worker thread."""
         if self._dst is not None:
             syscalls.copy_data(self._src, self._dst, self.size, writeback=self.sync)
-            if self.sync:
+            if self.sync and self.size > 0:  # (no data: nothing can be half-written)
                 os.fdatasync(self._dst)
 
     def finish(self) -> None:
