@@ -9,7 +9,7 @@ import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 
 # paths inside the merged tree that the workloads use
 BIG_FILE = "srv/big/big.bin"
@@ -32,11 +32,14 @@ class Profile:
     many: int  # entries of the big directory, spread over both layers
     tar_files: int  # small files in the tarball the unpack workload extracts
     exec_count: int  # runs of /bin/true in the exec workload
+    packages: tuple[str, ...]  # Debian packages the package install workload installs
+    commits: int  # SQLite transactions of the commit workload
 
 
 PROFILES = {
-    "full": Profile("full", "debootstrap", 512, 10_000, 3000, 300),
-    "tiny": Profile("tiny", "busybox", 4, 200, 50, 5),
+    "full": Profile("full", "debootstrap", 512, 10_000, 3000, 300,
+                    ("perl-modules-5.36", "libpython3.11-stdlib"), 300),
+    "tiny": Profile("tiny", "busybox", 4, 200, 50, 5, ("sensible-utils",), 10),
 }
 
 
@@ -62,6 +65,11 @@ class Layers:
     @property
     def tarball(self) -> Path:
         return self.root / "unpack.tar"
+
+    @property
+    def debs(self) -> Path:
+        """The package install workload's .deb files."""
+        return self.root / "debs"
 
     @property
     def big_size(self) -> int:
@@ -90,8 +98,8 @@ def debian_mirror() -> str:
     return "http://deb.debian.org/debian"
 
 
-def _run(argv: list[str], what: str) -> None:
-    done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def _run(argv: list[str], what: str, cwd: Path | None = None) -> None:
+    done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
         raise LayerError(f"{what} failed: {last}")
@@ -126,6 +134,19 @@ def _build_busybox_base(base: Path) -> None:
         doc = base / BASE_TREE / "doc" / f"pkg{i:03d}"
         _write(doc / "copyright", f"package {i}\n" * 20)
         _write(doc / "changelog", f"change {i}\n" * 200)
+    # an empty package database, for the package install workload
+    _write(base / "var/lib/dpkg/status", "")
+    for d in ("var/lib/dpkg/info", "var/lib/dpkg/updates", "var/log"):
+        (base / d).mkdir(parents=True)
+
+
+def _fetch_packages(debs: Path, packages: tuple[str, ...]) -> None:
+    """The .deb files of PACKAGES, as the machine's apt sources have them."""
+    if not shutil.which("apt-get"):
+        raise LayerError("apt-get is missing: the package install workload needs Debian packages")
+    debs.mkdir()
+    _run(["apt-get", "download", "-o", "APT::Sandbox::User=root", *packages],
+         f"apt-get download {' '.join(packages)}", cwd=debs)
 
 
 def _build_app_tree(app: Path, profile: Profile) -> None:
@@ -200,7 +221,7 @@ def ensure_layers(out: Path, profile: Profile, mirror: str | None = None, log=pr
     """Build the layers for `profile` under out/layers/NAME unless an identical build is cached."""
     layers = Layers(out / "layers" / profile.name, profile)
     stamp = layers.root / "ready.json"
-    wanted = {"layout": LAYOUT_VERSION, **asdict(profile)}
+    wanted = json.loads(json.dumps({"layout": LAYOUT_VERSION, **asdict(profile)}))  # (tuples: lists)
     try:
         if json.loads(stamp.read_text()) == wanted:
             return layers
@@ -220,6 +241,7 @@ def ensure_layers(out: Path, profile: Profile, mirror: str | None = None, log=pr
     _add_big_dir(layers.base, layers.app, profile.many)
     _add_big_file(layers.app, layers.big_size)
     _build_tarball(layers.tarball, profile.tar_files)
+    _fetch_packages(layers.debs, profile.packages)
     _merge_copy(layers)
     stamp.write_text(json.dumps(wanted))
     os.sync()

@@ -254,8 +254,9 @@ def results_markdown(data: dict, systems: list[str], chart_name: str | None) -> 
         "",
         "Targets come from issue 5: 1.0 for what the kernel's caches can serve (second passes, "
         "grep, exec), 1.5 for cold metadata and writes, 1.2 for the big sequential read, and never "
-        "slower than unionfs-fuse. The issue names no target for `big_dir_*` and `parallel_read`; "
-        "they get the cold one (1.5).",
+        "slower than unionfs-fuse. The issue names no target for `big_dir_*`, `parallel_read` and "
+        "the three workloads added later (`pkg_install`, `commits`, `chown_r`); they get the cold "
+        "one (1.5).",
         "",
     ]
     return "\n".join(lines)

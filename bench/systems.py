@@ -146,9 +146,13 @@ class Native(System):
         remove_tree(farm)
         _run(["cp", "-al", str(layers.native), str(farm)], "making the native farm")
         mounted = Mounted(farm, cleanups=[lambda: remove_tree(farm)])
-        for rel in private:  # files the workload changes in place must not be shared links
-            target = farm / rel
-            _run(["cp", "-a", str(layers.native / rel), f"{target}.copy"], "copying a private file")
+        for rel in private:  # what the workload changes in place must not be shared links
+            source, target = layers.native / rel, farm / rel
+            if not os.path.lexists(source):
+                continue
+            _run(["cp", "-a", str(source), f"{target}.copy"], "copying a private file")
+            if target.is_dir() and not target.is_symlink():
+                remove_tree(target)
             os.replace(f"{target}.copy", target)
         return mounted
 

@@ -5,6 +5,8 @@ primes the kernel's caches for the step after it. Commands see the merged tree a
 """
 
 import os
+import sqlite3
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,9 @@ STAT_ALL = "find \"$MNT\" -printf '%s %m %n\\n' > /dev/null"
 LS_LR = 'ls -lR "$MNT/usr" "$MNT/etc" > /dev/null'
 READ_ALL = "tar cf - -C \"$MNT\" --exclude=./srv/big . | cat > /dev/null"
 GREP = f"grep -r 'def __init__' \"$MNT/{APP_TREE}\" | cat > /dev/null"
+PKG_INSTALL = 'dpkg --root="$MNT" --force-depends -i "$DEBS"/*.deb'
+COMMITS = '"$PYTHON" "$COMMITS" "$MNT/tmp/bench.sqlite" "$COMMIT_COUNT"'
+CHOWN = f'chown -R 1000:1000 "$MNT/{APP_TREE}"'
 EXEC_LOOP = (
     "chroot \"$MNT\" /bin/sh -c "
     "'i=0; while [ $i -lt \"$1\" ]; do /bin/true; i=$((i+1)); done' sh \"$EXEC_COUNT\""
@@ -59,6 +64,32 @@ def _check_unpack(mnt: Path, layers: Layers) -> str | None:
 def _check_removed(mnt: Path, layers: Layers) -> str | None:
     left = [p for p in (BASE_TREE, APP_TREE) if os.path.lexists(mnt / p)]
     return f"{left[0]} still exists after rm -rf" if left else None
+
+
+def _check_installed(mnt: Path, layers: Layers) -> str | None:
+    stanzas = (mnt / "var/lib/dpkg/status").read_text().split("\n\n")
+    installed = {line.split(": ", 1)[1] for stanza in stanzas if "\nStatus: install ok installed" in stanza
+                 for line in stanza.splitlines() if line.startswith("Package: ")}
+    missing = [p for p in layers.profile.packages if p not in installed]
+    return f"{missing[0]} is not installed" if missing else None
+
+
+def _check_commits(mnt: Path, layers: Layers) -> str | None:
+    db = sqlite3.connect(mnt / "tmp/bench.sqlite")
+    try:
+        count = db.execute("SELECT count(*) FROM row").fetchone()[0]
+    finally:
+        db.close()
+    wanted = layers.profile.commits
+    return None if count == wanted else f"the database has {count} rows, wanted {wanted}"
+
+
+def _check_owned(mnt: Path, layers: Layers) -> str | None:
+    for parent, dirs, files in os.walk(mnt / APP_TREE):
+        for name in [*dirs, *files]:
+            if os.lstat(os.path.join(parent, name)).st_uid != 1000:
+                return f"{os.path.join(parent, name)} is not owned by 1000 after chown -R"
+    return None
 
 
 def _check_big_dir(mnt: Path, layers: Layers) -> str | None:
@@ -113,6 +144,27 @@ SCENARIOS = (
         check=_check_removed,
     ),
     Scenario(
+        "pkg_install",
+        (Step("pkg_install", PKG_INSTALL, COLD,
+              "dpkg -i of Debian packages (each file written, fsynced and renamed into place)"),),
+        writes=True,
+        private=("var/lib/dpkg", "var/log"),
+        check=_check_installed,
+    ),
+    Scenario(
+        "commits",
+        (Step("commits", COMMITS, COLD, "SQLite transactions, each committed with fsync"),),
+        writes=True,
+        check=_check_commits,
+    ),
+    Scenario(
+        "chown_r",
+        (Step("chown_r", CHOWN, COLD, f"chown -R of /{APP_TREE} (copies every file up)"),),
+        writes=True,
+        private=(APP_TREE,),
+        check=_check_owned,
+    ),
+    Scenario(
         "grep_r",
         (Step("grep_r_prime", GREP), Step("grep_r", GREP, CACHED, f"grep -r over /{APP_TREE}, second pass")),
     ),
@@ -142,6 +194,7 @@ SCENARIOS = (
 )
 
 SCENARIOS_BY_NAME = {s.name: s for s in SCENARIOS}
+COMMITS_SCRIPT = Path(__file__).with_name("commits.py")
 
 
 def timed_steps(scenarios) -> list[Step]:
@@ -154,5 +207,9 @@ def environment(mnt: Path, layers: Layers) -> dict[str, str]:
         "MNT": str(mnt),
         "TARBALL": str(layers.tarball),
         "EXEC_COUNT": str(layers.profile.exec_count),
+        "DEBS": str(layers.debs),
+        "PYTHON": sys.executable,
+        "COMMITS": str(COMMITS_SCRIPT),
+        "COMMIT_COUNT": str(layers.profile.commits),
         "LC_ALL": "C",
     }
