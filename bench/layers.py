@@ -145,8 +145,13 @@ def _fetch_packages(debs: Path, packages: tuple[str, ...]) -> None:
     if not shutil.which("apt-get"):
         raise LayerError("apt-get is missing: the package install workload needs Debian packages")
     debs.mkdir()
-    _run(["apt-get", "download", "-o", "APT::Sandbox::User=root", *packages],
-         f"apt-get download {' '.join(packages)}", cwd=debs)
+    download = ["apt-get", "download", "-o", "APT::Sandbox::User=root", *packages]
+    what = f"apt-get download {' '.join(packages)}"
+    try:
+        _run(download, what, cwd=debs)
+    except LayerError:  # no package lists yet (a fresh image): fetch them once
+        _run(["apt-get", "update", "-qq"], "apt-get update")
+        _run(download, what, cwd=debs)
 
 
 def _build_app_tree(app: Path, profile: Profile) -> None:
