@@ -6,10 +6,10 @@ functions. A request costs a read, a dict lookup, the union's work and a write: 
 of a round through libfuse, ctypes callbacks and pyfuse3's coroutines.
 
 Requests are answered in the loop, in order, except those that may have to wait for a copy-up
-or the disk (write and setattr when a copy-up is due, link, rename, open, setxattr,
-removexattr, fsync): those run as trio tasks, so a big copy-up or an fsync never holds other
-requests up. Between requests that come close together the loop polls instead of sleeping
-(see `_poll`). Every request goes through one
+or the disk: a write, setattr, link, rename, setxattr or removexattr when a copy-up is due
+first, an open (with `opens`), and an fsync unlikely to be quick. Those run as trio tasks, so
+a big copy-up or a long fsync never holds other requests up. Between requests that come close
+together the loop polls instead of sleeping (see `_poll`). Every request goes through one
 choke point: OSError and FUSEError become their errno, anything else is logged and answered EIO.
 
 The kernel is asked to send no OPEN, OPENDIR and FLUSH (where it can do without them), so
