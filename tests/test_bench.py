@@ -71,6 +71,12 @@ def test_tiny_run_times_every_workload_on_native_and_pyunion(out):
     assert override.startswith(b"overridden by the app layer\n")
     assert (layers / "base/etc/issue").read_bytes() == b"tiny base\n"
     assert (layers / "native" / APP_TREE).is_dir()
+    # the native system changed private copies of what the workloads change in place
+    # (chown -R, dpkg's database): the cached tree is as built
+    native_app = layers / "native" / APP_TREE
+    assert all(os.lstat(os.path.join(d, n)).st_uid == 0
+               for d, dirs, files in os.walk(native_app) for n in dirs + files)
+    assert (layers / "native/var/lib/dpkg/status").read_text() == ""
     # every writable layer, mountpoint and the run's scratch filesystem are gone
     assert not (out / "scratch").exists() and not (out / "scratch.img").exists()
     assert not (out / "farm").exists()
