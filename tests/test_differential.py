@@ -306,10 +306,11 @@ def long_redirects():
             f.write(old)
 
 
-# (the last seeds run with the kernel's writeback cache, where the kernel keeps sizes and
-# times itself and sends them later)
+# (seeds 7-9 run with the kernel's writeback cache, where the kernel keeps sizes and times
+# itself and sends them later; 10-12 make metadata-only copy-ups)
 @pytest.mark.parametrize("seed,options", [(s, ()) for s in range(1, 7)]
-                         + [(s, ("writeback",)) for s in range(7, 10)])
+                         + [(s, ("writeback",)) for s in range(7, 10)]
+                         + [(s, ("metacopy",)) for s in range(10, 13)])
 def test_same_behaviour_as_overlayfs(make_union, tmp_path, seed, options, long_redirects):
     rnd = random.Random(seed)
     u = make_union(("up", "rw"), ("l1", "ro+wh"), ("l2", "ro+wh"), name=f"u{seed}")

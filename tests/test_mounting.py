@@ -81,9 +81,9 @@ def test_lowerdir_alone_is_read_only(layers):
 
 
 def test_unknown_overlay_option_warns_once(layers):
-    r = pyunion("-o", _overlay_opts(layers) + ",index=on,metacopy=off", layers / "mnt")
+    r = pyunion("-o", _overlay_opts(layers) + ",index=on,xino=auto", layers / "mnt")
     assert r.returncode == 0
-    assert r.stderr.strip() == "pyunion: ignoring unknown option(s): index=on,metacopy=off"
+    assert r.stderr.strip() == "pyunion: ignoring unknown option(s): index=on,xino=auto"
     assert pyunion("umount", layers / "mnt").returncode == 0
 
 

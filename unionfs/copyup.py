@@ -2,7 +2,9 @@
 
 A job copies data (keeping holes), owner, mode, xattrs and times into a temporary name in
 the work area, then publishes it with one no-replace rename, so no reader and no crash ever
-sees a half-copied entry. The data copy may run in a worker thread; the rest is quick.
+sees a half-copied entry. The data copy may run in a worker thread; the rest is quick. A
+metadata-only copy (see metacopy) is published the same way without data, and filled in
+place later (FillJob).
 """
 
 import errno
@@ -11,7 +13,7 @@ import logging
 import os
 import stat
 
-from unionfs import syscalls
+from unionfs import metacopy, syscalls
 from unionfs.layers import remove_tree_at
 from unionfs.whiteout import is_internal_xattr
 
@@ -67,25 +69,31 @@ def set_owner(dirfd: int, name: bytes, uid: int, gid: int) -> None:
 
 
 class CopyJob:
-    """One entry being copied from (SRC_DIRFD, NAME) into the work area of a writable branch."""
+    """One entry being copied from (SRC_DIRFD, NAME) into the work area of a writable branch.
+
+    ORIGIN: make a metadata-only copy of a regular file, whose data stays in the lower file at
+    that path (see metacopy); cleared by prepare if the branch cannot keep the mark.
+    """
 
     def __init__(self, src_dirfd: int, name: bytes, st: os.stat_result, work_fd: int,
-                 limit: int | None = None, sync: bool = True):
+                 limit: int | None = None, sync: bool = True, origin: bytes | None = None):
         self.sync = sync  # flush the data before publishing (off: overlayfs' "volatile")
         self.src_dirfd = src_dirfd
         self.limit = limit  # copy only this many bytes (the change truncates the file anyway)
         self.name = name
         self.st = st
         self.work_fd = work_fd
+        self.origin = origin
         self.tmp = temp_name()
         self._src: int | None = None
+        self._data: int | None = None
         self._dst: int | None = None
         self._created = False
 
     @property
     def size(self) -> int:
         """How many bytes the copy moves."""
-        if not stat.S_ISREG(self.st.st_mode):
+        if not stat.S_ISREG(self.st.st_mode) or self.origin is not None:
             return 0
         return self.st.st_size if self.limit is None else min(self.limit, self.st.st_size)
 
@@ -97,6 +105,12 @@ class CopyJob:
             self._src = os.open(self.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.src_dirfd)
             self._dst = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                                 0o600, dir_fd=self.work_fd)
+            self._created = True
+            if self.origin is not None:
+                os.ftruncate(self._dst, self.st.st_size)
+                if not metacopy.mark(self._dst, self.origin):
+                    self.origin = None
+                    os.ftruncate(self._dst, 0)
         elif fmt == stat.S_IFDIR:
             os.mkdir(self.tmp, 0o700, dir_fd=self.work_fd)
         elif fmt == stat.S_IFLNK:
@@ -106,12 +120,30 @@ class CopyJob:
             os.mknod(self.tmp, stat.S_IFMT(mode) | 0o600, self.st.st_rdev, dir_fd=self.work_fd)
         self._created = True
 
+    @property
+    def source_fd(self) -> int | None:
+        """The open lower file (regular files)."""
+        return self._src
+
+    def read_data_from(self, dirfd: int, name: bytes) -> None:
+        """Copy the data from (DIRFD, NAME): the entry is itself a metadata-only copy."""
+        self._data = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+
     def copy_data(self) -> None:
         """The long part for big files; safe to run in a worker thread."""
-        if self._dst is not None:
-            syscalls.copy_data(self._src, self._dst, self.size, writeback=self.sync)
+        if self._dst is not None and self.origin is None:
+            src = self._src if self._data is None else self._data
+            syscalls.copy_data(src, self._dst, self.size, writeback=self.sync)
             if self.sync and self.size > 0:  # (no data: nothing can be half-written)
                 os.fdatasync(self._dst)
+
+    def with_data(self) -> None:
+        """Make a metadata-only copy hold its data after all (it will have no name to find
+        its lower file by); runs the data copy."""
+        if self.origin is not None:
+            metacopy.unmark(self._dst)
+            self.origin = None
+            self.copy_data()
 
     def finish(self) -> None:
         """Owner, mode, xattrs and times, in that order (chown clears set-id bits)."""
@@ -139,10 +171,10 @@ class CopyJob:
         return fd
 
     def close(self) -> None:
-        for fd in (self._src, self._dst):
+        for fd in (self._src, self._data, self._dst):
             if fd is not None:
                 os.close(fd)
-        self._src = self._dst = None
+        self._src = self._data = self._dst = None
 
     def abort(self) -> None:
         self.close()
@@ -155,3 +187,58 @@ class CopyJob:
                     os.unlink(self.tmp, dir_fd=self.work_fd)
             except OSError as e:
                 log.warning("cannot remove copy-up leftover %r: %s", self.tmp, e)
+
+
+class FillJob:
+    """The data of a metadata-only copy (DIRFD, NAME), filled in place from the lower file
+    that holds it, (DATA_DIRFD, DATA_NAME). The mark goes only once the data is synced; the
+    copy keeps its times and mode."""
+
+    def __init__(self, data_dirfd: int, data_name: bytes, dirfd: int, name: bytes,
+                 limit: int | None = None, sync: bool = True):
+        self.sync = sync
+        self.limit = limit
+        self._where = (data_dirfd, data_name, dirfd, name)
+        self._src: int | None = None
+        self._dst: int | None = None
+        self.st: os.stat_result | None = None
+
+    @property
+    def size(self) -> int:
+        size = self.st.st_size
+        return size if self.limit is None else min(self.limit, size)
+
+    def prepare(self) -> None:
+        data_dirfd, data_name, dirfd, name = self._where
+        flags = os.O_NOFOLLOW | os.O_CLOEXEC
+        self._dst = os.open(name, os.O_RDWR | flags, dir_fd=dirfd)
+        self.st = os.fstat(self._dst)
+        self._src = os.open(data_name, os.O_RDONLY | flags, dir_fd=data_dirfd)
+
+    def copy_data(self) -> None:
+        syscalls.copy_data(self._src, self._dst, self.size, writeback=self.sync)
+        if self.sync and self.size > 0:
+            os.fdatasync(self._dst)
+
+    def finish(self) -> None:
+        st = self.st
+        metacopy.unmark(self._dst)
+        os.utime(self._dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+        if os.fstat(self._dst).st_mode != st.st_mode:  # (a write may drop set-id bits)
+            os.chmod(self._dst, stat.S_IMODE(st.st_mode))
+        self.close()
+
+    def close(self) -> None:
+        for fd in (self._src, self._dst):
+            if fd is not None:
+                os.close(fd)
+        self._src = self._dst = None
+
+    def abort(self) -> None:
+        if self._dst is not None and self.st is not None:
+            try:  # (drop what was filled: the mark still says the lower file has the data)
+                os.ftruncate(self._dst, 0)
+                os.ftruncate(self._dst, self.st.st_size)
+            except OSError as e:
+                log.warning("cannot empty a partly filled copy: %s", e)
+        self.close()

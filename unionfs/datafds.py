@@ -52,10 +52,11 @@ class DataFds:
             os.close(self._fds.popitem(last=False)[1][0])
 
     def current(self, node: Node) -> int | None:
-        """NODE's open data fd, if there is one (none is opened). It holds the current data:
+        """NODE's open file, if there is one (none is opened), to read its attributes: none
+        of a metadata-only copy, whose fd is its lower file's. It holds the current data:
         every copy-up drops the fds of the lower file (see Union.after_copy_up)."""
         entry = self._pinned.get(node.ino) or self._fds.get(node.ino)
-        return None if entry is None else entry[0]
+        return None if entry is None or node.data_at is not None else entry[0]
 
     def writable(self, node: Node) -> int | None:
         for table in (self._pinned, self._fds):

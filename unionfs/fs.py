@@ -145,38 +145,61 @@ class UnionOperations(pyfuse3.Operations):
         node.lookups += 1
         return self._attrs(node, st)
 
-    async def _copy_up(self, node: Node, limit: int | None = None) -> None:
+    async def _copy_up(self, node: Node, limit: int | None = None, meta: bool = False) -> None:
         """Copy NODE up before a change; big files are copied in a worker thread.
 
         LIMIT: the change truncates the file to that size, so no more needs copying.
+        META: a change of metadata alone (see Union.prepare_copy_up).
         """
         union = self.union
-        if not union.needs_copy_up(node):
+        if not union.needs_copy_up(node, meta):
             return
         lock = self._copy_locks.setdefault(node.ino, trio.Lock())
         try:
             async with lock:
-                if not union.needs_copy_up(node):
+                if not union.needs_copy_up(node, meta):
                     return
-                job = union.prepare_copy_up(node, limit)
+                job = union.prepare_copy_up(node, limit, meta)
                 if job is None:
                     return
-                try:
-                    if job.size >= THREAD_COPY_BYTES:
+                if job.size >= THREAD_COPY_BYTES:
+                    try:
                         await self.in_worker(job.copy_data)
-                    else:
-                        job.copy_data()
-                except BaseException:
-                    job.abort()
-                    raise
-                orphan = union.finish_copy_up(node, job)  # (readers now read the copy)
-                if not union.sync:
-                    node.unsynced += job.size
-                if orphan is not None:  # its name went meanwhile: the open file lives on
-                    self.data.pin_fd(node, orphan, True)
+                    except BaseException:
+                        job.abort()
+                        raise
+                self._complete_copy_up(node, job, job.size < THREAD_COPY_BYTES)
         finally:
             if lock.statistics().tasks_waiting == 0 and not lock.locked():
                 self._copy_locks.pop(node.ino, None)
+
+    def copy_up_at_once(self, node: Node, limit: int | None = None, meta: bool = False) -> bool:
+        """Copy NODE up for a change in the loop if that moves no data (see
+        Union.copy_moves_no_data) and no copy-up of it is under way: True once it needs
+        none; False if it must wait (as a task: see _copy_up)."""
+        union = self.union
+        if not union.needs_copy_up(node, meta):
+            return True
+        if node.ino in self._copy_locks or not union.copy_moves_no_data(node, limit, meta):
+            return False
+        job = union.prepare_copy_up(node, limit, meta)
+        if job is not None:
+            self._complete_copy_up(node, job, True)
+        return True
+
+    def _complete_copy_up(self, node: Node, job, copy: bool) -> None:
+        """Publish a prepared copy-up; COPY: its data is still to copy (quick)."""
+        if copy:
+            try:
+                job.copy_data()
+            except BaseException:
+                job.abort()
+                raise
+        orphan = self.union.finish_copy_up(node, job)  # (readers now read the copy)
+        if not self.union.sync:
+            node.unsynced += job.size
+        if orphan is not None:  # its name went meanwhile: the open file lives on
+            self.data.pin_fd(node, orphan, True)
 
     # ------------------------------------------------------------------ lookups
 
@@ -282,7 +305,7 @@ class UnionOperations(pyfuse3.Operations):
             st = self.union.times_of_nameless(node, changes["atime_ns"], changes["mtime_ns"])
             if st is not None:
                 return st
-        await self._copy_up(node, changes["size"])
+        await self._copy_up(node, changes["size"], meta=changes["size"] is None)
         return self.do_setattr(node, **changes)
 
     @_handler
@@ -336,7 +359,7 @@ class UnionOperations(pyfuse3.Operations):
 
     async def do_link(self, inode: int, new_parent_inode: int, new_name: bytes):
         node = self._node(inode)
-        await self._copy_up(node)
+        await self._copy_up(node, meta=True)
         return self.union.link(node, self._node(new_parent_inode), new_name, self.data.current(node))
 
     @_handler
@@ -361,17 +384,18 @@ class UnionOperations(pyfuse3.Operations):
                         name_new: bytes, flags: int) -> None:
         node = self.rename_copy_due(parent_inode_old, name_old)
         if node is not None:  # copy a big file up outside the event loop first
-            await self._copy_up(node)
+            await self._copy_up(node, meta=True)
         self.rename_now(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
     def rename_copy_due(self, parent_inode_old: int, name_old: bytes) -> Node | None:
-        """The file that renaming NAME_OLD first copies up (do_rename), or None: then the
-        rename is all metadata and rename_now can do it at once."""
+        """The file that renaming NAME_OLD must first copy up with its data (do_rename), or
+        None: then the rename is all metadata (a copy-up that moves none is done here) and
+        rename_now can do it at once."""
         try:
             node, _ = self.union.lookup(self._node(parent_inode_old), name_old)
         except FileNotFoundError:
             return None  # (rename_now says so)
-        if node.is_dir or not self.union.needs_copy_up(node):
+        if node.is_dir or self.copy_up_at_once(node, meta=True):
             return None
         return node
 
@@ -663,13 +687,13 @@ class UnionOperations(pyfuse3.Operations):
         if inode == ROOT_INO and name == SELFTEST_XATTR:
             raise RuntimeError("self-test failure requested through " + name.decode())
         node = self._node(inode)
-        await self._copy_up(node)
+        await self._copy_up(node, meta=True)
         self.union.setxattr(node, name, value)
 
     @_handler
     async def removexattr(self, inode, name, ctx):
         node = self._node(inode)
-        await self._copy_up(node)
+        await self._copy_up(node, meta=True)
         self.union.removexattr(node, name)
 
     @_handler

@@ -15,13 +15,14 @@ _PACK = struct.Struct("<QQ").pack
 _hash = xxhash.xxh64_intdigest
 
 Key = tuple[int, int]  # (st_dev, st_ino) of an entry's origin
+UNCHECKED = (-2, b"")  # Node.data_at before its file was looked at
 
 
 class Node:
     """An inode of the merged view."""
 
     __slots__ = ("ino", "key", "path", "branch", "is_dir", "lookups", "opens", "layers",
-                 "stop", "parent", "aliases", "handles", "xattrs", "unsynced")
+                 "stop", "parent", "aliases", "handles", "xattrs", "unsynced", "data_at")
 
     def __init__(self, ino: int, key: Key, path: bytes, branch: int, is_dir: bool):
         self.ino = ino
@@ -41,6 +42,9 @@ class Node:
         # names of the extended attributes it has (None: not read yet); see MergedView.getxattr
         self.xattrs: tuple[bytes, ...] | None = None
         self.unsynced = 0  # bytes written through the mount since its last fsync began
+        # for a metadata-only copy (see metacopy): (branch, path) of the file holding its
+        # data, branch -1 if none does; None: its own file holds it; UNCHECKED: not known yet
+        self.data_at: tuple[int, bytes] | None = None if is_dir else UNCHECKED
 
     @property
     def name(self) -> bytes:

@@ -7,14 +7,15 @@ whiteouts hide names in the branches below theirs. Every access goes through dir
 """
 
 import errno
+import logging
 import os
 import stat
 import sys
 from dataclasses import dataclass, field
 
-from unionfs import syscalls
+from unionfs import metacopy, syscalls
 from unionfs.branches import BranchSpec
-from unionfs.inodes import ROOT_INO, InodeTable, Key, Node, join
+from unionfs.inodes import ROOT_INO, UNCHECKED, InodeTable, Key, Node, join, split
 from unionfs.layers import Branch, DirFdCache
 from unionfs.whiteout import (
     CONTROL_XATTR,
@@ -28,10 +29,19 @@ from unionfs.whiteout import (
     whiteout_name,
 )
 
+log = logging.getLogger(__name__)
+
 DT_DIR, DT_REG, DT_LNK = stat.S_IFDIR >> 12, stat.S_IFREG >> 12, stat.S_IFLNK >> 12
 Listed = tuple[bytes, int, Key, int]  # a listed entry: name, branch, key, d_type (see listdir)
 NO_XATTRS: tuple[bytes, ...] = ()
 _OPAQUE_XATTR_STRS = tuple(os.fsdecode(x) for x in OPAQUE_XATTRS)
+
+
+def _maybe_metacopy(node: Node, st: os.stat_result) -> bool:
+    """Whether file NODE of attributes ST may be a metadata-only copy (see metacopy): known to
+    be one, or not looked at yet and a regular file with fewer blocks than its size shows."""
+    return node.data_at is not UNCHECKED or (st.st_blocks * 512 < st.st_size
+                                             and stat.S_ISREG(st.st_mode))
 
 
 def oserror(code: int, what: bytes | str | None = None) -> OSError:
@@ -232,7 +242,9 @@ class MergedView:
                     node.aliases = {}
                 node.aliases[path] = parent
         if node.branch != b:  # data already copied up through another name
-            st = self.stat(node)
+            return node, self.stat(node)
+        if node.data_at is not None and _maybe_metacopy(node, st):
+            st = self._data_blocks(node, st)
         return node, st
 
     def _alive(self, node: Node) -> bool:
@@ -283,7 +295,65 @@ class MergedView:
             st = None  # its name now holds another file: this one was removed
         if st is None:
             st = self._stat_alias(node)
+        if node.data_at is not None and _maybe_metacopy(node, st):
+            st = self._data_blocks(node, st)
         return st
+
+    # ----------------------------------------------------------------- metadata-only copies
+
+    def data_of(self, node: Node, fd: int | None = None) -> tuple[int, bytes] | None:
+        """(branch, path) of the file holding regular file NODE's data if its own file is a
+        metadata-only copy (branch -1: no branch has it), else None; FD: its open file."""
+        at = node.data_at
+        if at is UNCHECKED:
+            at = None
+            if node.branch < len(self.branches) - 1:  # (nothing below the bottom to hold data)
+                if fd is not None:
+                    origin = metacopy.origin_of(fd)
+                else:
+                    dfd, name = self._location(node)
+                    origin = metacopy.origin_at(dfd, name)
+                if origin is not None:
+                    at = self.find_data(node.branch, origin)
+            node.data_at = at
+        return at
+
+    def find_data(self, above: int, path: bytes) -> tuple[int, bytes]:
+        """Where the data of a metadata-only copy in branch ABOVE that names PATH is: the first
+        branch below holding PATH, or where that one's data is if it is such a copy too
+        (ABOVE -1: from the top branch down)."""
+        directory, name = split(path)
+        for b in range(above + 1, len(self.branches)):
+            dfd = self.dirs.lookup(b, directory)
+            st = syscalls.lstat_at(dfd, name) if dfd is not None else None
+            if st is None:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                origin = metacopy.origin_at(dfd, name)
+                return (b, path) if origin is None else self.find_data(b, origin)
+            break
+        log.warning("no branch below %d holds the data of metadata-only copy of %r",
+                    above, path)
+        return (-1, path)
+
+    def data_location(self, at: tuple[int, bytes]) -> tuple[int, bytes]:
+        """(directory fd, name) of a file holding a metadata-only copy's data (see data_of)."""
+        if at[0] < 0:
+            raise oserror(errno.EIO, at[1])
+        directory, name = split(at[1])
+        return self.dirs.get(at[0], directory), name
+
+    def _data_blocks(self, node: Node, st: os.stat_result) -> os.stat_result:
+        """ST with the block count of the file holding NODE's data, where another one does."""
+        at = self.data_of(node)
+        if at is None or at[0] < 0:
+            return st
+        try:
+            dfd, name = self.data_location(at)
+            data = syscalls.lstat_at(dfd, name)
+        except OSError:
+            data = None
+        return st if data is None else syscalls.with_blocks(st, data.st_blocks)
 
     def _stat_alias(self, node: Node) -> os.stat_result:
         """The primary name of a hard-linked file is gone: continue under another one."""
@@ -378,6 +448,8 @@ class MergedView:
             node = Node(table.ino_for(key), key, join(parent.path, name), b, is_dir)
             node.parent = parent
             table.add(node)
+            if not is_dir and _maybe_metacopy(node, st):
+                st = self._data_blocks(node, st)
             return node, st
         if is_dir and node.is_dir:
             return node, st
@@ -470,5 +542,7 @@ class MergedView:
             n.xattrs = None
             if n.is_dir:
                 n.layers = None
+            else:
+                n.data_at = UNCHECKED
         self._root_layers(self.table.root)
         return nodes

@@ -38,6 +38,7 @@ class MountOptions:
     negative_timeout: float = 86400.0
     writeback: bool = False
     volatile: bool = False
+    metacopy: bool = False  # metadata-only copy-ups (see unionfs.metacopy)
     extras: bool = True  # unionfs.session (off: pyfuse3's own loop and handlers)
     poll_us: float = 200.0  # the session's longest wait by polling (see Session._poll)
     opens: bool = False  # have the kernel send OPEN/OPENDIR, as old kernels do (diagnosis)
@@ -95,6 +96,12 @@ def parse_options(items: list[str]) -> MountOptions:
                 o.writeback = key == "writeback"
             elif key == "volatile" and not sep:
                 o.volatile = True
+            elif key in ("metacopy", "nometacopy") and not sep:
+                o.metacopy = key == "metacopy"
+            elif key == "metacopy" and sep:
+                if value not in ("on", "off"):
+                    raise UsageError(f"option metacopy: 'on' or 'off', not {value!r}")
+                o.metacopy = value == "on"
             elif key == "noextras" and not sep:
                 o.extras = False
             elif key == "opens" and not sep:
@@ -161,7 +168,7 @@ usage: pyunion mount [-o OPT[,OPT...]] [-f] [-d] BRANCHES MOUNTPOINT
   -f           stay in the foreground (log to stderr)
   -d           log every request
   -o OPTIONS   ro, allow_other, nodefault_permissions, timeout=SEC, entry_timeout=SEC,
-               attr_timeout=SEC, negative_timeout=SEC, writeback, volatile, poll=USEC,
+               attr_timeout=SEC, negative_timeout=SEC, writeback, volatile, metacopy, poll=USEC,
                lowlatency, readdirplus=always|auto, opens, noextras, logfile=PATH, fsname=NAME,
                workdir=DIR, and the kernel flags nodev, nosuid, noexec, noatime, sync, ...
                (README.md says what each one does)
@@ -360,7 +367,8 @@ def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: b
     os.umask(0)  # modes come from the kernel with the caller's umask applied
     _raise_fd_limit()
     try:
-        union = Union(specs, workdir=workdir, readonly=o.readonly, sync=not o.volatile)
+        union = Union(specs, workdir=workdir, readonly=o.readonly, sync=not o.volatile,
+                      metacopy=o.metacopy)
     except OSError as e:
         where = os.fsdecode(e.filename) if e.filename else "a branch"
         raise UsageError(f"branch {where}: {e.strerror}") from None

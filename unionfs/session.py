@@ -6,8 +6,8 @@ functions. A request costs a read, a dict lookup, the union's work and a write: 
 of a round through libfuse, ctypes callbacks and pyfuse3's coroutines.
 
 Requests are answered in the loop, in order, except those that may have to wait for a copy-up
-or the disk: a write, setattr, link, rename, setxattr or removexattr when a copy-up is due
-first, an open (with `opens`), and an fsync unlikely to be quick. Those run as trio tasks, so
+or the disk: a write, setattr, link, rename, setxattr or removexattr when a copy-up that moves
+data is due first, an open (with `opens`), and an fsync unlikely to be quick. Those run as trio tasks, so
 a big copy-up or a long fsync never holds other requests up. Between requests that come close
 together the loop polls instead of sleeping (see `_poll`). Every request goes through one
 choke point: OSError and FUSEError become their errno, anything else is logged and answered EIO.
@@ -300,12 +300,12 @@ class Session:
         self._nursery.start_soon(run)
 
     def _now_or_task(self, unique: int, opcode: int, nodeid: int, node, coro, answer) -> None:
-        """Run a change of NODE that copies it up first: at once if no copy-up is due (CORO
-        then waits for nothing), else as a task, since the copy may be big."""
-        if self.union.needs_copy_up(node):
-            self._spawn(unique, opcode, nodeid, coro, answer)
-        else:
+        """Run a change of NODE's metadata that copies it up first: at once if the copy-up
+        moves no data (CORO then waits for nothing), else as a task, since the copy may be big."""
+        if self.ops.copy_up_at_once(node, meta=True):
             answer(unique, _run_now(coro))
+        else:
+            self._spawn(unique, opcode, nodeid, coro, answer)
 
     # ------------------------------------------------------------------ replies
 
@@ -429,10 +429,10 @@ class Session:
         def answer(unique, st):
             self._attr_reply(unique, node, self.ops.kill_suidgid(node, st) if kill else st)
 
-        if self.union.needs_copy_up(node):
-            self._spawn(unique, wire.SETATTR, nodeid, self.ops.change_attrs(node, changes), answer)
-        else:
+        if self.ops.copy_up_at_once(node, changes["size"], meta=changes["size"] is None):
             answer(unique, self.ops.do_setattr(node, **changes))
+        else:
+            self._spawn(unique, wire.SETATTR, nodeid, self.ops.change_attrs(node, changes), answer)
 
     def _readlink(self, unique, nodeid, length):
         self._send(unique, self.ops.do_readlink(nodeid))
@@ -475,7 +475,8 @@ class Session:
         self._rename_as(unique, wire.RENAME2, nodeid, old, newdir, new, flags)
 
     def _rename_as(self, unique, opcode, nodeid, old, newdir, new, flags):
-        """A rename that must copy a file up first waits as a task; the rest are answered at once."""
+        """A rename that must copy a file's data up first waits as a task; the rest are answered
+        at once."""
         if self.ops.rename_copy_due(nodeid, old) is None:
             self.ops.rename_now(nodeid, old, newdir, new, flags)
             self._send(unique)

@@ -90,6 +90,17 @@ def lstat_at(dirfd: int, name: bytes) -> os.stat_result | None:
         return None
 
 
+_STAT_EXTRA = ("st_atime", "st_mtime", "st_ctime", "st_atime_ns", "st_mtime_ns", "st_ctime_ns",
+               "st_blksize", "st_rdev")
+
+
+def with_blocks(st: os.stat_result, blocks: int) -> os.stat_result:
+    """ST with another block count."""
+    extra = {k: getattr(st, k) for k in _STAT_EXTRA}
+    extra["st_blocks"] = blocks
+    return os.stat_result(tuple(st[:10]), extra)
+
+
 def exists_at(dirfd: int, name: bytes) -> bool:
     return lstat_at(dirfd, name) is not None
 

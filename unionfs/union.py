@@ -12,8 +12,8 @@ import stat
 
 from unionfs import syscalls
 from unionfs.branches import BranchSpec
-from unionfs.copyup import CopyJob, temp_name
-from unionfs.inodes import ROOT_INO, Key, Node, join
+from unionfs.copyup import CopyJob, FillJob, temp_name
+from unionfs.inodes import ROOT_INO, UNCHECKED, Key, Node, join
 from unionfs.layers import remove_tree_at
 from unionfs.merge import DT_DIR, DirHandle, MergedView, Probe, oserror
 from unionfs.whiteout import OPAQUE, fits_whiteout, is_internal_xattr, whiteout_name
@@ -29,9 +29,11 @@ class Union(MergedView):
     """A union of branch directories, top first, with its writes."""
 
     def __init__(self, specs: list[BranchSpec], workdir: str | None = None, readonly: bool = False,
-                 sync: bool = True):
+                 sync: bool = True, metacopy: bool = False):
         super().__init__(specs, workdir, readonly)
         self.sync = sync  # fsync copied-up data before publishing it
+        # copy only metadata up for a change of metadata (see unionfs.metacopy)
+        self.metacopy = metacopy
         # copies of hard-linked lower files, linked from the work area's index so that every
         # name of the file finds the copy, after a remount too: origin key -> index name
         self.index: dict[Key, bytes] = {}
@@ -201,17 +203,28 @@ class Union(MergedView):
 
     # ----------------------------------------------------------------- copy-up
 
-    def needs_copy_up(self, node: Node) -> bool:
-        return node.ino != ROOT_INO and not self.branches[node.branch].writable
+    def needs_copy_up(self, node: Node, meta: bool = False) -> bool:
+        """Whether NODE must be copied up before a change (META: of its metadata alone): it
+        is in a lower branch, or the change is to its data and it is a metadata-only copy."""
+        if node.ino == ROOT_INO:
+            return False
+        if not self.branches[node.branch].writable:
+            return True
+        return not meta and node.data_at is not None and self.data_of(node) is not None
 
-    def prepare_copy_up(self, node: Node, limit: int | None = None) -> CopyJob | None:
+    def prepare_copy_up(self, node: Node, limit: int | None = None,
+                        meta: bool = False) -> CopyJob | FillJob | None:
         """Start copying NODE up to the top writable branch; None if nothing is to copy.
 
         LIMIT: the change that follows truncates the file to that size, so copy no more.
+        META: the change is one of metadata alone; a regular file may then get a
+        metadata-only copy, if the union makes them.
         """
-        if not self.needs_copy_up(node):
+        if not self.needs_copy_up(node, meta):
             return None
         t = self.require_writable()
+        if self.branches[node.branch].writable:  # a metadata-only copy, to fill
+            return self._prepare_fill(node, limit)
         if t > node.branch:
             raise oserror(errno.EROFS, node.path)
         if node.is_dir:
@@ -227,7 +240,50 @@ class Union(MergedView):
             raise oserror(errno.EEXIST, node.path)  # (copied up meanwhile)
         # (another file there: its name was taken while the kernel held it, and the copy
         # stays nameless, see finish_copy_up)
-        job = CopyJob(src, node.name, st, self.branches[t].work_fd, limit, self.sync)
+        origin = node.path if self._metadata_only(st, limit, meta) else None
+        job = CopyJob(src, node.name, st, self.branches[t].work_fd, limit, self.sync, origin)
+        try:
+            job.prepare()
+            if stat.S_ISREG(st.st_mode):
+                at = self.data_of(node, job.source_fd)
+                if at is not None:  # itself a metadata-only copy
+                    job.read_data_from(*self.data_location(at))
+        except BaseException:
+            job.abort()
+            raise
+        if origin is not None and job.origin is None:
+            self.metacopy = False
+            log.warning("branch %s keeps no user xattrs: copy-ups copy data", self.branches[t].path)
+        return job
+
+    def _metadata_only(self, st: os.stat_result, limit: int | None, meta: bool) -> bool:
+        """Whether a lower file of attributes ST gets a metadata-only copy for a change (see
+        prepare_copy_up): one name (a hard-linked file's copy goes to the index), some data."""
+        return (meta and self.metacopy and limit is None and st.st_size > 0 and st.st_nlink == 1
+                and stat.S_ISREG(st.st_mode))
+
+    def copy_moves_no_data(self, node: Node, limit: int | None = None, meta: bool = False) -> bool:
+        """Whether copying NODE up for a change (see prepare_copy_up) moves no data, so it is
+        quick: a directory, symlink or device; an empty file; a metadata-only copy of a file
+        whose name still shows it (else it gets its data: see finish_copy_up)."""
+        if node.is_dir:
+            return True
+        if self.branches[node.branch].writable:  # a metadata-only copy, to fill
+            return False
+        try:
+            st = syscalls.lstat_at(self.dirs.get(node.branch, node.parent.path), node.name)
+        except OSError:
+            return False
+        if st is None:
+            return False
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0 or limit == 0:
+            return True
+        return self._metadata_only(st, limit, meta) and self._shows(node, st)
+
+    def _prepare_fill(self, node: Node, limit: int | None) -> FillJob:
+        dfd, name = self._location(node)
+        data_dirfd, data_name = self.data_location(node.data_at)
+        job = FillJob(data_dirfd, data_name, dfd, name, limit, self.sync)
         try:
             job.prepare()
         except BaseException:
@@ -241,9 +297,18 @@ class Union(MergedView):
         If the name no longer shows the file copied (removed or replaced meanwhile, while the
         kernel still has it open), the copy stays an unlinked file: its read-write fd is returned.
         """
+        if isinstance(job, FillJob):
+            try:
+                job.finish()
+            except BaseException:
+                job.abort()
+                raise
+            node.data_at = None
+            self._copied(node, node.branch)
+            return None
         try:
             t = self.require_writable()
-            if not self.needs_copy_up(node):  # copied meanwhile (a directory rename did it)
+            if not self.needs_copy_up(node, meta=True):  # copied meanwhile (a directory rename did it)
                 job.abort()
                 return None
             # the name must still show the entry we copied: not removed, not replaced (a
@@ -253,11 +318,13 @@ class Union(MergedView):
             if pfd is None:
                 if not stat.S_ISREG(job.st.st_mode):
                     raise oserror(errno.ESTALE, node.path)
+                job.with_data()  # (no name left to find its lower file by)
                 job.finish()
                 fd = self._index_only(t, node, job) if job.st.st_nlink > 1 else None
                 if fd is None:  # a nameless copy, which stands for no other name
                     fd = job.detach()
                     self.table.rekey(node, (-1, node.ino))
+                node.data_at = None
                 self._copied(node, t)
                 return fd
             job.finish()
@@ -267,6 +334,10 @@ class Union(MergedView):
             raise
         new = syscalls.lstat_at(pfd, node.name)
         self.origin[(new.st_dev, new.st_ino)] = node.key
+        if job.origin is not None:  # (the lower file, or where its data is)
+            node.data_at = node.data_at or (node.branch, job.origin)
+        else:
+            node.data_at = None
         self._copied(node, t)
         if job.st.st_nlink > 1 and stat.S_ISREG(job.st.st_mode):
             self._index(t, pfd, node.name, node.key, new, job.st.st_nlink)
@@ -312,7 +383,7 @@ class Union(MergedView):
         a file sees the new times while the kernel caches them.) None if NODE is not a lower
         file whose name went.
         """
-        if node.is_dir or node.parent is None or not self.needs_copy_up(node):
+        if node.is_dir or node.parent is None or not self.needs_copy_up(node, meta=True):
             return None
         try:
             st = syscalls.lstat_at(self.dirs.get(node.branch, node.parent.path), node.name)
@@ -354,8 +425,8 @@ class Union(MergedView):
         job.publish(pfd, name)
         os.utime(syscalls.proc_path(pfd), ns=(pst.st_atime_ns, pst.st_mtime_ns))
 
-    def copy_up(self, node: Node) -> None:
-        job = self.prepare_copy_up(node)
+    def copy_up(self, node: Node, meta: bool = False) -> None:
+        job = self.prepare_copy_up(node, meta=meta)
         if job is not None:
             job.copy_data()
             fd = self.finish_copy_up(node, job)
@@ -389,8 +460,9 @@ class Union(MergedView):
                 # another name of this hard-linked file: the copy-up links it too
                 node.aliases = node.aliases or {}
                 node.aliases[old_path] = old_parent
-        node.branch = b
-        self.copy_up(node)
+        if node.branch != b:
+            node.branch, node.data_at = b, UNCHECKED
+        self.copy_up(node, meta=True)
         return node
 
     def _shows_at(self, parent: Node, path: bytes, node: Node) -> bool:
@@ -458,6 +530,7 @@ class Union(MergedView):
             self.table.rekey(old, (-1, old.ino))
         node = Node(self.table.ino_for(key), key, path, self.top_rw, stat.S_ISDIR(st.st_mode))
         node.parent = parent
+        node.data_at = None
         if node.is_dir:
             node.layers, node.stop = (self.top_rw,), self.top_rw
         self.table.add(node)
@@ -560,7 +633,7 @@ class Union(MergedView):
         if node.is_dir:
             raise oserror(errno.EPERM, name)
         _, pfd, wh = self._prepare_new(parent, name)
-        self.copy_up(node)
+        self.copy_up(node, meta=True)
         if node.branch != self.top_rw:
             raise oserror(errno.EXDEV, name)
         if not node.name and fd is not None:  # (the kernel links only such a nameless file)
@@ -776,19 +849,32 @@ class Union(MergedView):
     # ----------------------------------------------------------------- data and attributes
 
     def open(self, node: Node, flags: int) -> int:
-        """Open NODE's data; copied up first when opened for writing."""
+        """Open NODE's data; copied up first when opened for writing (the data of a
+        metadata-only copy is its lower file's, until then)."""
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
             self.require_writable()
             self.copy_up(node)
         dfd, name = self._location(node)
-        return os.open(name, _open_flags(flags), dir_fd=dfd)
+        fd = os.open(name, _open_flags(flags), dir_fd=dfd)
+        if node.data_at is not None:
+            try:
+                at = self.data_of(node, fd)
+                if at is not None:
+                    dfd, name = self.data_location(at)
+                    data_fd = os.open(name, _open_flags(flags), dir_fd=dfd)
+                    os.close(fd)
+                    fd = data_fd
+            except BaseException:
+                os.close(fd)
+                raise
+        return fd
 
     def setattr(self, node: Node, fd: int | None, mode=None, uid=None, gid=None, size=None,
                 atime_ns=None, mtime_ns=None) -> os.stat_result:
         """Change NODE's attributes; FD: its writable data fd if open (then every change goes
         through it: fewer lookups, and it works on a file whose name went while open)."""
         self.require_writable()
-        self.copy_up(node)
+        self.copy_up(node, meta=size is None)
         if fd is not None:
             where: dict = {}
             target: int | bytes = fd
@@ -837,7 +923,7 @@ class Union(MergedView):
     def _xattrs_to_change(self, node: Node) -> tuple[bytes, bool]:
         """NODE copied up for an xattr change, its remembered names dropped: where to change."""
         self.require_writable()
-        self.copy_up(node)
+        self.copy_up(node, meta=True)
         if node.ino == ROOT_INO and not self.branches[self.layers(node)[0]].writable:
             raise oserror(errno.EROFS)
         node.xattrs = None

@@ -1,0 +1,298 @@
+"""Metadata-only copy-ups (-o metacopy): a chown, chmod, utimes or xattr change of a lower file
+copies no data; the data is read from the lower file until a write fills the copy in place."""
+
+import errno
+import hashlib
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import force_unmount
+from unionfs.metacopy import MARKER
+
+BIG = 3 << 20  # written in a worker thread when filled (see unionfs.fs.THREAD_COPY_BYTES)
+
+
+def _digest(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _lower(union, rel, data):
+    p = union["low"] / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+    os.utime(p, ns=(1_000_000_000, 2_000_000_000))
+    return p
+
+
+def _origin(path) -> bytes | None:
+    try:
+        return os.getxattr(path, MARKER, follow_symlinks=False)
+    except OSError as e:
+        assert e.errno == errno.ENODATA
+        return None
+
+
+def _lower_state(union) -> dict:
+    out = {}
+    for dirpath, _, names in os.walk(union["low"]):
+        for n in names:
+            p = os.path.join(dirpath, n)
+            st = os.lstat(p)
+            out[p] = (st.st_mode, st.st_uid, st.st_mtime_ns, st.st_nlink, _digest(p))
+    return out
+
+
+@pytest.mark.parametrize("extras", [True, False], ids=["session", "noextras"])
+def test_metadata_changes_copy_no_data(union, extras):
+    data = os.urandom(BIG)
+    _lower(union, "d/big", data)
+    _lower(union, "d/small", b"small file\n")
+    _lower(union, "top", b"at the root\n")
+    before = _lower_state(union)
+    union.mount("metacopy", *(() if extras else ("noextras",)))
+    os.chmod(union / "d/big", 0o600)
+    os.chown(union / "d/small", 1234, 4321)
+    os.utime(union / "top", ns=(5_000_000_000, 6_000_000_000))
+    os.setxattr(union / "d/small", "user.colour", b"blue")
+
+    up = union["up"]
+    for rel, size in (("d/big", BIG), ("d/small", 11), ("top", 12)):
+        st = os.lstat(up / rel)
+        assert st.st_size == size and st.st_blocks == 0, rel  # no data in the branch
+        assert _origin(up / rel) == rel.encode()
+        # the mount shows the data, and the lower file's block count
+        assert os.lstat(union / rel).st_blocks == os.lstat(union["low"] / rel).st_blocks > 0
+    assert (union / "d/big").read_bytes() == data
+    assert (union / "d/small").read_bytes() == b"small file\n"
+    assert stat.S_IMODE(os.stat(union / "d/big").st_mode) == 0o600
+    small = os.stat(union / "d/small")
+    assert (small.st_uid, small.st_gid) == (1234, 4321)
+    assert os.stat(union / "top").st_mtime_ns == 6_000_000_000
+    assert os.getxattr(union / "d/small", "user.colour") == b"blue"
+    assert MARKER.decode() not in os.listxattr(union / "d/small")  # never shows
+    with pytest.raises(PermissionError):
+        os.setxattr(union / "d/small", MARKER, b"etc/passwd")
+
+    union.remount()  # found again from the branch alone
+    assert (union / "d/big").read_bytes() == data
+    assert os.lstat(union / "d/big").st_blocks == os.lstat(union["low"] / "d/big").st_blocks
+    assert stat.S_IMODE(os.stat(union / "d/big").st_mode) == 0o600
+    assert _lower_state(union) == before
+
+
+@pytest.mark.parametrize("how", ["append", "overwrite", "trunc_open", "truncate"])
+def test_a_write_fills_the_copy_in_place(union, how):
+    data = os.urandom(BIG)
+    _lower(union, "d/f", data)
+    before = _lower_state(union)
+    union.mount("metacopy")
+    os.chmod(union / "d/f", 0o4755)
+    os.utime(union / "d/f", ns=(7_000_000_000, 8_000_000_000))
+    ino = os.lstat(union["up"] / "d/f").st_ino
+    reader = open(union / "d/f", "rb", buffering=0)  # reads the lower file's data until the fill
+    assert reader.read(10) == data[:10]
+    if how == "append":
+        with open(union / "d/f", "ab") as f:
+            f.write(b"tail")
+        want = data + b"tail"
+    elif how == "overwrite":
+        with open(union / "d/f", "r+b") as f:
+            f.seek(100)
+            f.write(b"XYZ")
+        want = data[:100] + b"XYZ" + data[103:]
+    elif how == "trunc_open":
+        with open(union / "d/f", "wb") as f:
+            f.write(b"new")
+        want = b"new"
+    else:
+        os.truncate(union / "d/f", 1000)
+        want = data[:1000]
+    assert (union / "d/f").read_bytes() == want
+    assert reader.read() == want[10:]
+    reader.close()
+    path = union["up"] / "d/f"
+    st = os.lstat(path)
+    assert st.st_ino == ino  # filled in place: its links and inode stay
+    assert path.read_bytes() == want and _origin(path) is None
+    assert st.st_blocks * 512 >= len(want)
+    assert stat.S_IMODE(st.st_mode) == 0o4755  # (root wrote it: the set-id bit stays)
+    union.remount()
+    assert (union / "d/f").read_bytes() == want
+    assert _lower_state(union) == before
+
+
+def test_renamed_copies_read_their_lower_file(union):
+    a, b = os.urandom(100_000), os.urandom(70_000)
+    _lower(union, "d/a", a)
+    _lower(union, "d/sub/b", b)
+    before = _lower_state(union)
+    union.mount("metacopy")
+    os.chmod(union / "d/a", 0o640)
+    os.rename(union / "d/a", union / "moved")
+    (union / "d/a").write_bytes(b"a new file where the old one was")
+    os.chown(union / "d/sub/b", 55, 55)
+    os.rename(union / "d", union / "e")  # the directory's tree is copied up and moves
+    os.chmod(union / "e/sub", 0o700)
+    for _ in range(2):
+        assert (union / "moved").read_bytes() == a
+        assert (union / "e/a").read_bytes() == b"a new file where the old one was"
+        assert (union / "e/sub/b").read_bytes() == b
+        assert os.stat(union / "e/sub/b").st_uid == 55
+        assert not (union / "d").exists()
+        union.remount()
+    assert _origin(union["up"] / "moved") == b"d/a"
+    assert _origin(union["up"] / "e/sub/b") == b"d/sub/b"
+    assert os.lstat(union["up"] / "moved").st_blocks == 0
+    with open(union / "moved", "ab") as f:
+        f.write(b"!")
+    assert (union / "moved").read_bytes() == a + b"!"
+    assert (union["up"] / "moved").read_bytes() == a + b"!"
+    assert _lower_state(union) == before
+
+
+def test_which_changes_copy_data(union):
+    _lower(union, "linked", b"two names")
+    os.link(union["low"] / "linked", union["low"] / "other")
+    _lower(union, "empty", b"")
+    _lower(union, "plain", b"plain data")
+    _lower(union, "written", b"written data")
+    union.mount("metacopy")
+    os.chmod(union / "linked", 0o600)  # hard-linked below: a whole copy, in the index
+    os.chmod(union / "empty", 0o600)  # nothing to leave below
+    with open(union / "written", "r+b") as f:  # a write: a whole copy
+        f.write(b"W")
+    os.chmod(union / "plain", 0o600)
+    for rel, meta in (("linked", False), ("empty", False), ("written", False), ("plain", True)):
+        assert (_origin(union["up"] / rel) is not None) == meta, rel
+    assert (union["up"] / "linked").read_bytes() == b"two names"
+    assert stat.S_IMODE(os.stat(union / "other").st_mode) == 0o600
+    assert (union / "written").read_bytes() == b"Written data"
+
+
+def test_without_the_option_copies_carry_their_data(union):
+    _lower(union, "f", b"data")
+    union.mount()
+    os.chmod(union / "f", 0o600)
+    assert _origin(union["up"] / "f") is None
+    assert (union["up"] / "f").read_bytes() == b"data"
+
+
+def test_a_lower_file_that_went_while_open_keeps_its_data(union):
+    _lower(union, "f", b"held open")
+    union.mount("metacopy")
+    fd = os.open(union / "f", os.O_RDONLY)
+    try:
+        os.unlink(union / "f")
+        os.fchmod(fd, 0o600)  # a copy with no name: it cannot find its lower file by one
+        assert os.pread(fd, 100, 0) == b"held open"
+        assert stat.S_IMODE(os.fstat(fd).st_mode) == 0o600
+    finally:
+        os.close(fd)
+    assert not (union / "f").exists()
+    assert (union["low"] / "f").read_bytes() == b"held open"
+
+
+def test_stacked_copies_lead_down_to_the_data(make_union):
+    """A writable branch holding metadata-only copies, used as a lower branch of another
+    union (a committed container layer, say): reads and copy-ups follow it to the data."""
+    u = make_union(("top", "rw"), ("mid", "ro+wh"), ("low", "ro+wh"))
+    data = os.urandom(50_000)
+    _lower(u, "f", data)
+    first = make_union(("mid", "rw"), ("low", "ro+wh"))  # (the same directories)
+    first.mount("metacopy")
+    os.chmod(first / "f", 0o640)
+    first.umount()
+    assert _origin(u["mid"] / "f") == b"f"
+
+    u.mount("metacopy")
+    assert (u / "f").read_bytes() == data
+    assert os.lstat(u / "f").st_blocks == os.lstat(u["low"] / "f").st_blocks
+    os.chown(u / "f", 7, 7)  # a copy of a copy: still no data
+    assert _origin(u["top"] / "f") == b"f"
+    assert (u / "f").read_bytes() == data
+    u.remount()
+    assert (u / "f").read_bytes() == data
+    with open(u / "f", "ab") as f:
+        f.write(b"+")
+    assert (u["top"] / "f").read_bytes() == data + b"+"
+    assert _origin(u["mid"] / "f") == b"f" and (u["low"] / "f").read_bytes() == data
+
+
+def test_a_copy_whose_data_is_gone_answers_eio(union):
+    _lower(union, "f", b"data")
+    union.mount("metacopy")
+    os.chmod(union / "f", 0o600)
+    union.umount()
+    (union["low"] / "f").unlink()  # someone edits a lower branch behind the union's back
+    union.expected_log.append("holds the data of metadata-only copy")
+    union.mount("metacopy")
+    assert os.stat(union / "f").st_size == 4
+    with pytest.raises(OSError) as e:
+        (union / "f").read_bytes()
+    assert e.value.errno == errno.EIO
+    with pytest.raises(OSError) as e:
+        with open(union / "f", "ab") as f:
+            f.write(b"x")
+    assert e.value.errno == errno.EIO
+    assert _origin(union["up"] / "f") == b"f"  # left as it was
+    os.unlink(union / "f")
+    assert not (union / "f").exists()
+
+
+def test_a_killed_fill_leaves_the_lower_data_showing(union):
+    """SIGKILL while a big file is being filled: the copy still reads its lower data."""
+    chunk = os.urandom(1 << 20)
+    with open(union["low"] / "big", "wb") as f:
+        for _ in range(512):
+            f.write(chunk)
+    union.mount("metacopy")
+    os.chmod(union / "big", 0o600)
+    up = union["up"] / "big"
+    pid = union.daemon_pid()
+    writer = subprocess.Popen([sys.executable, "-c", f"open({str(union / 'big')!r}, 'ab').write(b'NEW')"],
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while os.lstat(up).st_blocks == 0 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        os.kill(pid, signal.SIGKILL)
+        writer.wait(30)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+    force_unmount(union.mnt)
+    filled = _origin(up) is None
+    assert not filled, "the fill was over before the kill: nothing was tested"
+    union.mount("metacopy")
+    with open(union / "big", "rb") as f:
+        for _ in range(512):
+            assert f.read(len(chunk)) == chunk
+        assert f.read() == b""
+    assert stat.S_IMODE(os.stat(union / "big").st_mode) == 0o600
+    assert os.path.getsize(union["low"] / "big") == 512 << 20
+
+
+def test_full_disk_during_a_fill_keeps_the_lower_data(make_union):
+    u = make_union(("up", "rw"), ("low", "ro+wh"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", u["up"]], check=True)
+    try:
+        data = os.urandom(3 << 20)
+        (u["low"] / "big").write_bytes(data)
+        u.mount("metacopy")
+        os.chmod(u / "big", 0o600)  # fits: no data
+        with pytest.raises(OSError) as e:
+            with open(u / "big", "ab") as f:
+                f.write(b"more")
+        assert e.value.errno == errno.ENOSPC
+        assert (u / "big").read_bytes() == data
+        assert _origin(u["up"] / "big") == b"big" and os.lstat(u["up"] / "big").st_blocks == 0
+        u.umount()
+    finally:
+        subprocess.run(["umount", "-l", u["up"]], capture_output=True)
