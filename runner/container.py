@@ -316,7 +316,9 @@ class Runner:
         """Serve the union on mnt (the daemon's log goes to a file, shown only on failure)."""
         branches = [BranchSpec(rw, RW), BranchSpec(init, RO_WH), *self.spec.layers]
         before = _device_of(mnt)
-        cmd = [sys.executable, "-m", "unionfs", "mount", "-f", "-o", "allow_other"]
+        # (metadata-only copy-ups: the writable layer is the runner's, and a commit reads the
+        # data of such copies from the image's layers)
+        cmd = [sys.executable, "-m", "unionfs", "mount", "-f", "-o", "allow_other,metacopy"]
         cmd += [format_branches(branches), mnt]
         with open(self._log_path(), "wb") as log:
             daemon = subprocess.Popen(

@@ -16,6 +16,7 @@ from runner import layertar
 from runner.imageprogress import Progress
 from runner.layerview import OPAQUE, WH, LayerView, has_opaque_xattr, is_whiteout_device
 from runner.store import Image, Store, canonical_json, remove_tree
+from unionfs import metacopy
 
 EXCLUDED = {
     (b".wh..wh.pyunion",),
@@ -137,22 +138,40 @@ def _changes(upper: str, view: LayerView | None) -> list[tuple[str, bytes]]:
     return [(kind, b"/" + b"/".join(parts)) for parts, kind in sorted(result.items())]
 
 
-def layer_entries(upper: str) -> list[layertar.TreeEntry]:
-    """What a commit of `upper` puts in the layer tar: real entries plus OCI whiteout files."""
+def layer_entries(upper: str, layer_dirs: list[str] | None = None) -> list[layertar.TreeEntry]:
+    """What a commit of `upper` puts in the layer tar: real entries plus OCI whiteout files.
+
+    A metadata-only copy (see unionfs.metacopy) gets its data from `layer_dirs` (the image
+    below, top first), where the union found it.
+    """
     entries: dict[bytes, layertar.TreeEntry] = {}
-    for e in scan_upper(upper):
-        if e.kind == "file" and stat.S_ISSOCK(e.st.st_mode):
-            continue  # sockets cannot be archived (docker skips them too)
-        if e.kind == "file":
-            path = b"/".join(e.parts)
-            entries[path] = layertar.TreeEntry(path, os.fsdecode(e.path))
-        elif e.kind == "whiteout":
-            path = b"/".join(e.parts[:-1] + (WH + e.parts[-1],))
-            entries[path] = layertar.TreeEntry(path, None)
-        else:
-            path = b"/".join(e.parts + (OPAQUE,))
-            entries[path] = layertar.TreeEntry(path, None)
+    with LayerView(layer_dirs or []) as view:
+        for e in scan_upper(upper):
+            if e.kind == "file" and stat.S_ISSOCK(e.st.st_mode):
+                continue  # sockets cannot be archived (docker skips them too)
+            _add_entry(entries, e, view)
     return list(entries.values())
+
+
+def _add_entry(entries: dict[bytes, layertar.TreeEntry], e: UpperEntry, view: LayerView) -> None:
+    if e.kind == "file":
+        path = b"/".join(e.parts)
+        data = None
+        if stat.S_ISREG(e.st.st_mode) and e.st.st_size > 0:
+            origin = metacopy.origin_of(e.path)
+            if origin is not None:
+                data = view.data_of(origin)
+                if data is None:
+                    raise layertar.LayerError(
+                        f"/{os.fsdecode(path)}: no layer of the image holds its data "
+                        f"(a metadata-only copy of /{os.fsdecode(origin)})")
+        entries[path] = layertar.TreeEntry(path, os.fsdecode(e.path), data)
+    elif e.kind == "whiteout":
+        path = b"/".join(e.parts[:-1] + (WH + e.parts[-1],))
+        entries[path] = layertar.TreeEntry(path, None)
+    else:
+        path = b"/".join(e.parts + (OPAQUE,))
+        entries[path] = layertar.TreeEntry(path, None)
 
 
 def rootless_owner_map():
@@ -186,7 +205,7 @@ def _now() -> str:
 
 def commit_layer(store: Store, upper: str, image: Image, new_name: str | None, comment: str) -> str:
     """Turn `upper` into a new layer on top of `image`; store and name the new image; its ID."""
-    entries = layer_entries(upper)
+    entries = layer_entries(upper, image.layer_dirs)
     total = sum(os.lstat(e.source).st_size for e in entries if e.source)
     with store.locked():
         staged = store.staging_dir("l-")

@@ -23,6 +23,7 @@ from unionfs.whiteout import WH_PREFIX, fits_whiteout, whited_out
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 CHUNK = 1 << 20
 SKIPPED_XATTR_PREFIXES = (b"trusted.", b"security.selinux", b"user.overlay.", b"user.pyunion.")
+PRIVATE_XATTR_PREFIX = "user.pyunion."  # never taken from a layer either
 
 
 class LayerError(Exception):
@@ -268,6 +269,8 @@ class Extractor:
             if not key.startswith("SCHILY.xattr."):
                 continue
             attr = key[len("SCHILY.xattr.") :]
+            if attr.startswith(PRIVATE_XATTR_PREFIX):
+                continue  # (the union's own marks: a layer cannot make them)
             try:
                 os.setxattr(fd, attr, value.encode("utf-8", "surrogateescape"))
             except OSError:
@@ -327,6 +330,8 @@ class TreeEntry:
 
     path: bytes  # relative to the layer root, no leading slash
     source: str | None  # the file on disk; None for a synthesized empty whiteout file
+    # a metadata-only copy's data (see unionfs.metacopy): (layer directory, path in it)
+    data: tuple[str, bytes] | None = None
 
 
 class HashingWriter:
@@ -403,6 +408,20 @@ def _xattr_headers(path: str) -> dict[str, str]:
     return headers
 
 
+def _open_data(entry: TreeEntry, size: int) -> int:
+    """Open the lower file holding a metadata-only copy's data, never through a symlink."""
+    layer, path = entry.data
+    root = os.open(layer, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = open_beneath(root, path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    finally:
+        os.close(root)
+    if os.fstat(fd).st_size != size:
+        os.close(fd)
+        raise LayerError(f"{entry.source}: its data in layer {layer} changed size")
+    return fd
+
+
 def write_layer_tar(
     entries: Iterable[TreeEntry], out, progress=None, owner_map=None
 ) -> tuple[str, int]:
@@ -425,7 +444,10 @@ def write_layer_tar(
                 else:
                     seen_inodes[key] = info.name
             if info.isreg() and info.size:
-                fd = os.open(entry.source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                if entry.data is None:
+                    fd = os.open(entry.source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                else:
+                    fd = _open_data(entry, info.size)
                 with os.fdopen(fd, "rb") as f:
                     tar.addfile(info, f)
             else:

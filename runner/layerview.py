@@ -36,6 +36,7 @@ class LayerView:
 
     def __init__(self, layer_dirs: list[str]):
         specs = [BranchSpec(os.fsdecode(d), RO_WH) for d in layer_dirs]
+        self._dirs = [os.fsdecode(d) for d in layer_dirs]
         self._view = MergedView(specs, readonly=True) if specs else None
         self._found: dict[tuple[bytes, ...], tuple[Node, os.stat_result] | None] = {}
 
@@ -86,6 +87,14 @@ class LayerView:
         """Whether `parts` is a directory of the merged tree."""
         found = self._find(tuple(parts))
         return found is not None and found[0].is_dir
+
+    def data_of(self, path: bytes) -> tuple[str, bytes] | None:
+        """(layer directory, path in it) of the file holding the data of a metadata-only copy
+        that names `path` (see unionfs.metacopy), or None if no layer holds it."""
+        if self._view is None:
+            return None
+        b, found = self._view.find_data(-1, path)
+        return None if b < 0 else (self._dirs[b], found)
 
     def children(self, parts) -> list[bytes]:
         """The visible names in the directory at `parts`, sorted."""

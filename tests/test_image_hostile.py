@@ -9,6 +9,7 @@ from test_image_builders import (
     busybox_layer,
     config_for,
     layer_tar,
+    mounted,
     one_line_error,
     pyunion,
     sha,
@@ -200,3 +201,22 @@ def test_archive_paths_and_digests_cannot_leave_the_archive(tmp_path, home, outs
     assert "malformed digest" in line
     assert store_is_empty(home)
     assert sorted(os.listdir(outside)) == ["layer.tar", "victim"]
+
+
+def test_a_layer_cannot_mark_its_files_as_metadata_only_copies(tmp_path, home):
+    """The union's own xattrs are not taken from a layer: a file claiming that its data is
+    another file's (see unionfs.metacopy) keeps its own."""
+    base = layer_tar([("dir", "etc"), ("file", "etc/secret", "another file\n")])
+    top = layer_tar([("file", "claim", "its own data\n", 0o644, 0, 0,
+                      {"user.pyunion.metacopy": "etc/secret"})])
+    archive = str(tmp_path / "claim.tar")
+    write_docker_save(archive, [([base, top], config_for([base, top]), ["claim:1"])])
+    pyunion("image", "import", archive, home=home)
+    tree = os.path.join(home, "layers", sha(top)[7:], "tree")
+    assert "user.pyunion.metacopy" not in os.listxattr(os.path.join(tree, "claim"))
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    layer_dirs = [tree, os.path.join(home, "layers", sha(base)[7:], "tree")]
+    with mounted(str(upper), layer_dirs, str(tmp_path / "mnt")) as mnt:
+        with open(os.path.join(mnt, "claim")) as f:
+            assert f.read() == "its own data\n"
