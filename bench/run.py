@@ -306,6 +306,9 @@ def run(args, command_line: str) -> dict:
                 for index, scenario in enumerate(scenarios):
                     shift = (rep + index) % len(args.systems)
                     for name in args.systems[shift:] + args.systems[:shift]:  # interleaved, rotating
+                        only = SYSTEMS[name].workloads
+                        if only is not None and scenario.name not in only:
+                            continue
                         line = run_scenario(scenario, SYSTEMS[name], layers, scratch, collector)
                         log(f"[{rep + 1}/{args.reps}] {scenario.name:<13} {name:<14} {line}")
             where = "a fresh ext4 filesystem made for this run (see bench/scratch.py)" \

@@ -112,6 +112,7 @@ class System:
     label = ""
     programs: tuple[str, ...] = ()  # executables it needs
     apt_packages: tuple[str, ...] = ()  # where they come from
+    workloads: frozenset[str] | None = None  # the workloads it runs (None: every one)
 
     def missing_programs(self) -> list[str]:
         return [p for p in self.programs if not shutil.which(p)]
@@ -306,7 +307,17 @@ class PyunionLowLatency(Pyunion):
     mount_args = ("-o", "lowlatency")
 
 
+class PyunionMetacopy(Pyunion):
+    """pyunion -o metacopy, as `pyunion run` mounts containers' layers: metadata changes
+    copy no data. Run only where that makes a difference."""
+
+    name = "pyunion-metacopy"
+    label = "pyunion -o metacopy"
+    mount_args = ("-o", "metacopy")
+    workloads = frozenset({"chown_r"})
+
+
 SYSTEMS = {s.name: s for s in (Native(), KernelOverlay(), FuseOverlayfs(), UnionfsFuse(), Pyunion(),
-                               PyunionLowLatency())}
+                               PyunionMetacopy(), PyunionLowLatency())}
 DEFAULT_SYSTEMS = [n for n in SYSTEMS if n != PyunionLowLatency.name]
 REFERENCE = "fuse-overlayfs"

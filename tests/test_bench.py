@@ -40,7 +40,7 @@ def out(tmp_path):
 
 
 def test_tiny_run_times_every_workload_on_native_and_pyunion(out):
-    done = run_bench("--profile", "tiny", "--systems", "native,pyunion", "--reps", "1",
+    done = run_bench("--profile", "tiny", "--systems", "native,pyunion,pyunion-metacopy", "--reps", "1",
                      "--out", str(out), "--no-install", "--no-chart", "--no-prefault")
     assert done.returncode == 0, done.stderr
     assert mounts_under(out) == []
@@ -53,12 +53,15 @@ def test_tiny_run_times_every_workload_on_native_and_pyunion(out):
             assert len(step["samples"][system]) == 1, (name, system)
             assert step["samples"][system][0] > 0
         assert step["errors"] == {}
-        assert set(step["daemon_cpu"]) == {"pyunion"}  # only FUSE systems have a daemon
+        # only FUSE systems have a daemon; the metacopy variant runs chown -R alone
+        variants = {"pyunion", "pyunion-metacopy"} if name == "chown_r" else {"pyunion"}
+        assert set(step["daemon_cpu"]) == variants
+        assert len(step["samples"]["pyunion-metacopy"]) == (name == "chown_r")
         assert step["daemon_cpu"]["pyunion"] >= 0
     assert data["summary"]["memory_kib"]["pyunion"] > 1024  # a Python daemon holds > 1 MiB
 
     table = done.stdout
-    assert "| workload | native | pyunion |" in table
+    assert "| workload | native | pyunion | pyunion -o metacopy |" in table
     assert table.count("\n| ") >= len(steps) + 1
     assert "| stat_cold | " in (out / "RESULTS.md").read_text()
 
@@ -88,7 +91,7 @@ def test_bad_option_is_one_line_and_touches_nothing(out):
     done = run_bench("--systems", "native,nfs", "--out", str(out / "never"))
     assert done.returncode == 2
     assert done.stderr == ("bench: unknown system 'nfs' (choose from native, overlayfs, "
-                           "fuse-overlayfs, unionfs-fuse, pyunion, pyunion-lowlatency)\n")
+                           "fuse-overlayfs, unionfs-fuse, pyunion, pyunion-metacopy, pyunion-lowlatency)\n")
     assert not (out / "never").exists()
 
     done = run_bench("--reps", "0", "--out", str(out / "never"))
