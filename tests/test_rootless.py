@@ -50,3 +50,44 @@ def test_unprivileged_user_mounts_and_writes(tmp_path, test_user):
     assert os.stat(base / "up" / "new").st_uid == uid
     assert (base / "low" / "f").read_text() == "lower"
     assert "INFO" in log.read_text() and "Traceback" not in log.read_text()
+
+
+def test_unprivileged_user_makes_metadata_only_copies(tmp_path, test_user):
+    """-o metacopy as a user: the mark is a user.* xattr, which an unprivileged daemon may set."""
+    uid, gid = test_user
+    base = tmp_path / "rootless-meta"
+    for d in ("up", "low", "mnt"):
+        (base / d).mkdir(parents=True)
+    data = os.urandom(200_000)
+    (base / "low" / "kept").write_bytes(data)
+    (base / "low" / "filled").write_bytes(data)
+    for p in [base, *base.rglob("*")]:
+        os.chown(p, uid, gid)
+    log = base / "log"
+
+    def session():
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(base)}
+        run = lambda *a: subprocess.run([*PYUNION, *a], check=True, env=env, capture_output=True)  # noqa: E731
+        for again in (False, True):  # (the second mount finds the copies in the branch)
+            run("mount", "-o", f"metacopy,logfile={log}", f"{base}/up:{base}/low", f"{base}/mnt")
+            try:
+                os.chmod(base / "mnt" / "kept", 0o600)
+                os.chmod(base / "mnt" / "filled", 0o640)
+                assert (base / "mnt" / "kept").read_bytes() == data
+                if not again:
+                    continue
+                with open(base / "mnt" / "filled", "ab") as f:
+                    f.write(b"+")
+                assert (base / "mnt" / "filled").read_bytes() == data + b"+"
+            finally:
+                run("umount", f"{base}/mnt")
+
+    with reachable_by_others(base, REPO), fuse_for_everyone():
+        assert as_user(uid, gid, session) == 0
+    kept = os.lstat(base / "up" / "kept")
+    assert kept.st_blocks == 0 and stat.S_IMODE(kept.st_mode) == 0o600
+    assert os.getxattr(base / "up" / "kept", "user.pyunion.metacopy") == b"kept"
+    assert (base / "up" / "filled").read_bytes() == data + b"+"
+    assert "user.pyunion.metacopy" not in os.listxattr(base / "up" / "filled")
+    assert (base / "low" / "kept").read_bytes() == data == (base / "low" / "filled").read_bytes()
+    assert "Traceback" not in log.read_text() and "WARNING" not in log.read_text()
