@@ -4,6 +4,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -51,6 +52,22 @@ def tree(root) -> dict:
                 data = None
             out[str(p.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns, data)
     return out
+
+
+def kill_while_appending(union, rel, meanwhile) -> None:
+    """Append to REL through the mount; once MEANWHILE() returns, SIGKILL the daemon, then
+    detach the dead mount."""
+    pid = union.daemon_pid()
+    writer = subprocess.Popen([sys.executable, "-c", f"open({str(union / rel)!r}, 'ab').write(b'NEW')"],
+                              stderr=subprocess.DEVNULL)
+    try:
+        meanwhile()
+        os.kill(pid, signal.SIGKILL)
+        writer.wait(30)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+    force_unmount(union.mnt)
 
 
 def work_leftovers(work) -> list[str]:

@@ -1,12 +1,11 @@
 """A big copy-up neither stalls the mount nor, when the daemon is killed, leaves a half copy."""
 
 import os
-import signal
 import subprocess
 import sys
 import time
 
-from conftest import force_unmount, is_mounted, work_leftovers
+from conftest import is_mounted, kill_while_appending, work_leftovers
 
 SIZE = 1 << 30
 
@@ -37,21 +36,15 @@ def test_kill_during_large_copy_up_leaves_old_content(union):
     chunk = _write_big(union["low"] / "big")
     (union["low"] / "other").write_text("served meanwhile")
     union.mount()
-    pid = union.daemon_pid()
-    writer = subprocess.Popen([sys.executable, "-c", f"open({str(union / 'big')!r}, 'ab').write(b'NEW')"],
-                              stderr=subprocess.DEVNULL)
-    try:
+
+    def meanwhile():
         tmp = _wait_for_partial_copy(union["up"] / ".wh..wh.pyunion")
         # the mount keeps serving while the copy runs in a worker thread
         assert (union / "other").read_text() == "served meanwhile"
         assert sorted(os.listdir(union.mnt)) == ["big", "other"]
         assert 0 < os.lstat(tmp).st_size < SIZE, "the copy-up finished before the other requests"
-        os.kill(pid, signal.SIGKILL)
-        writer.wait(30)
-    finally:
-        if writer.poll() is None:
-            writer.kill()
-    force_unmount(union.mnt)
+
+    kill_while_appending(union, "big", meanwhile)
     assert not is_mounted(union.mnt)
     assert not (union["up"] / "big").exists(), "a half-made copy was published"
     union.mount()  # a new daemon cleans the work area

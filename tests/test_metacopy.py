@@ -4,15 +4,13 @@ copies no data; the data is read from the lower file until a write fills the cop
 import errno
 import hashlib
 import os
-import signal
 import stat
 import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import force_unmount
+from conftest import kill_while_appending
 from unionfs.metacopy import MARKER
 
 BIG = 3 << 20  # written in a worker thread when filled (see unionfs.fs.THREAD_COPY_BYTES)
@@ -255,19 +253,13 @@ def test_a_killed_fill_leaves_the_lower_data_showing(union):
     union.mount("metacopy")
     os.chmod(union / "big", 0o600)
     up = union["up"] / "big"
-    pid = union.daemon_pid()
-    writer = subprocess.Popen([sys.executable, "-c", f"open({str(union / 'big')!r}, 'ab').write(b'NEW')"],
-                              stderr=subprocess.DEVNULL)
-    try:
+
+    def meanwhile():  # (until the fill has begun)
         deadline = time.monotonic() + 60
         while os.lstat(up).st_blocks == 0 and time.monotonic() < deadline:
             time.sleep(0.002)
-        os.kill(pid, signal.SIGKILL)
-        writer.wait(30)
-    finally:
-        if writer.poll() is None:
-            writer.kill()
-    force_unmount(union.mnt)
+
+    kill_while_appending(union, "big", meanwhile)
     filled = _origin(up) is None
     assert not filled, "the fill was over before the kill: nothing was tested"
     union.mount("metacopy")
@@ -296,3 +288,51 @@ def test_full_disk_during_a_fill_keeps_the_lower_data(make_union):
         u.umount()
     finally:
         subprocess.run(["umount", "-l", u["up"]], capture_output=True)
+
+
+def _daemon_file(union, name: str) -> os.stat_result:
+    """The attributes of the file the daemon holds open whose path ends with NAME."""
+    pid = union.daemon_pid()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        if target.endswith(name):
+            return os.stat(f"/proc/{pid}/fd/{fd}")
+    raise AssertionError(f"the daemon holds no {name}")
+
+
+@pytest.mark.parametrize("how", ["unlink", "renamed_over"])
+def test_removing_a_copy_held_open_copies_no_data(union, how):
+    """A metadata-only copy that goes while the kernel holds it is kept open as it is, not
+    filled first (rm -rf after chown -R would copy every file); it fills only if written."""
+    data = os.urandom(BIG)
+    _lower(union, "f", data)
+    before = _lower_state(union)
+    union.mount("metacopy")
+    os.chmod(union / "f", 0o600)
+    fd = os.open(union / "f", os.O_RDWR)
+    try:
+        if how == "unlink":
+            os.unlink(union / "f")
+            assert not (union / "f").exists()
+        else:
+            (union / "g").write_bytes(b"the new file")
+            os.rename(union / "g", union / "f")
+            assert (union / "f").read_bytes() == b"the new file"
+        held = _daemon_file(union, "/up/f (deleted)")
+        assert held.st_size == BIG and held.st_blocks == 0  # not filled
+        assert os.pread(fd, BIG, 0) == data
+        assert stat.S_IMODE(os.fstat(fd).st_mode) == 0o600
+        os.fchmod(fd, 0o640)
+        os.pwrite(fd, b"XY", 10)  # fills the file the name had, through its fd
+        assert os.pread(fd, BIG, 0) == data[:10] + b"XY" + data[12:]
+        held = _daemon_file(union, "/up/f (deleted)")
+        assert held.st_blocks * 512 >= BIG and stat.S_IMODE(held.st_mode) == 0o640
+    finally:
+        os.close(fd)
+    if how == "renamed_over":
+        assert (union / "f").read_bytes() == b"the new file"
+        assert (union["up"] / "f").read_bytes() == b"the new file"
+    assert _lower_state(union) == before

@@ -190,11 +190,11 @@ class CopyJob:
 
 
 class FillJob:
-    """The data of a metadata-only copy (DIRFD, NAME), filled in place from the lower file
-    that holds it, (DATA_DIRFD, DATA_NAME). The mark goes only once the data is synced; the
-    copy keeps its times and mode."""
+    """The data of a metadata-only copy (DIRFD, NAME; NAME None: DIRFD is the copy's own
+    open file), filled in place from the lower file that holds it, (DATA_DIRFD, DATA_NAME).
+    The mark goes only once the data is synced; the copy keeps its times and mode."""
 
-    def __init__(self, data_dirfd: int, data_name: bytes, dirfd: int, name: bytes,
+    def __init__(self, data_dirfd: int, data_name: bytes, dirfd: int, name: bytes | None,
                  limit: int | None = None, sync: bool = True):
         self.sync = sync
         self.limit = limit
@@ -211,7 +211,10 @@ class FillJob:
     def prepare(self) -> None:
         data_dirfd, data_name, dirfd, name = self._where
         flags = os.O_NOFOLLOW | os.O_CLOEXEC
-        self._dst = os.open(name, os.O_RDWR | flags, dir_fd=dirfd)
+        if name is None:
+            self._dst = os.open(syscalls.proc_path(dirfd), os.O_RDWR | os.O_CLOEXEC)
+        else:
+            self._dst = os.open(name, os.O_RDWR | flags, dir_fd=dirfd)
         self.st = os.fstat(self._dst)
         self._src = os.open(data_name, os.O_RDONLY | flags, dir_fd=data_dirfd)
 

@@ -3,7 +3,8 @@
 Opening per file rather than per open lets the kernel skip OPEN requests altogether (see
 session), and makes every reader see a file's current data, even after a copy-up. Fds are
 kept least recently used first, up to a bound; a file removed while the kernel may still
-read it keeps its fd pinned until the kernel forgets it.
+read it keeps its fd pinned until the kernel forgets it. A metadata-only copy (see
+metacopy) is read through an fd of its lower file; pinned, it keeps both files open.
 """
 
 import errno
@@ -20,11 +21,14 @@ class DataFds:
         self.limit = limit
         self._fds: OrderedDict[int, tuple[int, bool]] = OrderedDict()  # ino -> (fd, writable)
         self._pinned: dict[int, tuple[int, bool]] = {}
+        self._pinned_data: dict[int, int] = {}  # pinned metadata-only copies: their lower file
 
     def get(self, node: Node, write: bool) -> int:
         """An fd of NODE's data, writable if WRITE (the caller has copied it up first)."""
         entry = self._pinned.get(node.ino)
         if entry is not None:
+            if not write and node.ino in self._pinned_data:
+                return self._pinned_data[node.ino]
             if entry[1] or not write:
                 return entry[0]
             # its name went: the pinned fd is the only way to it (the name may hold another
@@ -52,11 +56,19 @@ class DataFds:
             os.close(self._fds.popitem(last=False)[1][0])
 
     def current(self, node: Node) -> int | None:
-        """NODE's open file, if there is one (none is opened), to read its attributes: none
-        of a metadata-only copy, whose fd is its lower file's. It holds the current data:
-        every copy-up drops the fds of the lower file (see Union.after_copy_up)."""
-        entry = self._pinned.get(node.ino) or self._fds.get(node.ino)
+        """NODE's open file, if there is one (none is opened), to read its attributes: not
+        the lower file a metadata-only copy reads. It holds the current data: every copy-up
+        closes the fds of the lower file (see copied)."""
+        entry = self._pinned.get(node.ino)
+        if entry is not None:
+            return entry[0]
+        entry = self._fds.get(node.ino)
         return None if entry is None or node.data_at is not None else entry[0]
+
+    def own_file(self, node: Node) -> int | None:
+        """The pinned fd of NODE's own file (see pin), if there is one."""
+        entry = self._pinned.get(node.ino)
+        return None if entry is None else entry[0]
 
     def writable(self, node: Node) -> int | None:
         for table in (self._pinned, self._fds):
@@ -71,6 +83,8 @@ class DataFds:
         if node.ino in self._pinned:
             return
         writable = self.union.branches[node.branch].writable
+        if writable and not node.is_dir and self._pin_metadata_only(node):
+            return
         entry = self._fds.pop(node.ino, None)
         if entry is not None and writable and not entry[1]:
             os.close(entry[0])
@@ -88,6 +102,25 @@ class DataFds:
                 return
         self._pinned[node.ino] = entry
 
+    def _pin_metadata_only(self, node: Node) -> bool:
+        """Pin a metadata-only copy: its own file (its attributes, and where a write fills
+        the data in), and its lower file to read. Removing it copies no data."""
+        at = self.union.data_of(node)
+        if at is None or at[0] < 0:
+            return False
+        data = self._fds.pop(node.ino, (None,))[0]
+        try:
+            if data is None:
+                data = self.union.open(node, os.O_RDONLY)
+            own = self.union.open_own(node, os.O_RDWR)
+        except OSError:
+            if data is not None:
+                os.close(data)
+            return False
+        self._pinned[node.ino] = (own, True)
+        self._pinned_data[node.ino] = data
+        return True
+
     def _reopen_writable(self, node: Node, fd: int) -> int:
         if not self.union.branches[node.branch].writable:  # (never a lower branch's file)
             raise OSError(errno.EROFS, os.strerror(errno.EROFS))
@@ -98,14 +131,26 @@ class DataFds:
         self.drop(node)
         self._pinned[node.ino] = (fd, writable)
 
+    def copied(self, node: Node) -> None:
+        """NODE's data moved (a copy-up, or the fill of a metadata-only copy): close the fds
+        of its lower file (a pinned fd of its own file stays: a fill is done in place)."""
+        entry = self._fds.pop(node.ino, None)
+        if entry is not None:
+            os.close(entry[0])
+        data = self._pinned_data.pop(node.ino, None)
+        if data is not None:
+            os.close(data)
+
     def drop(self, node: Node) -> None:
-        """Close NODE's fds: its data moved (copy-up) or the kernel forgot it."""
-        for table in (self._fds, self._pinned):
-            entry = table.pop(node.ino, None)
-            if entry is not None:
-                os.close(entry[0])
+        """Close NODE's fds: the kernel forgot it."""
+        self.copied(node)
+        entry = self._pinned.pop(node.ino, None)
+        if entry is not None:
+            os.close(entry[0])
 
     def clear(self) -> None:
         for table in (self._fds, self._pinned):
             while table:
                 os.close(table.popitem()[1][0])
+        while self._pinned_data:
+            os.close(self._pinned_data.popitem()[1])

@@ -97,7 +97,8 @@ class UnionOperations(pyfuse3.Operations):
         self._listings: OrderedDict[int, DirHandle] = OrderedDict()
         self.data = DataFds(union)
         union.before_unlink = self.data.pin
-        union.after_copy_up = self.data.drop
+        union.after_copy_up = self.data.copied
+        union.own_file = self.data.own_file
         self._copy_locks: dict[int, trio.Lock] = {}
         self._blocking = trio.CapacityLimiter(2)  # heavy blocking work: big copy-ups, fsync
         self._fsync_seconds = 0.0  # how long recent fsyncs took (a moving average)

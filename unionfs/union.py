@@ -45,6 +45,9 @@ class Union(MergedView):
         self.before_unlink = None
         # called with every node copied up: fds the adapter holds of its lower data are stale
         self.after_copy_up = None
+        # called with a file's node: an fd the adapter holds of its own file, whose name may
+        # have gone (see before_unlink), or None
+        self.own_file = None
         if self.top_rw is not None:
             for iname, ist in self.branches[self.top_rw].index_entries():
                 try:
@@ -281,7 +284,11 @@ class Union(MergedView):
         return self._metadata_only(st, limit, meta) and self._shows(node, st)
 
     def _prepare_fill(self, node: Node, limit: int | None) -> FillJob:
-        dfd, name = self._location(node)
+        own = self.own_file(node) if self.own_file is not None else None
+        if own is not None:  # (its name may be gone, or name another file by now)
+            dfd, name = own, None
+        else:
+            dfd, name = self._location(node)
         data_dirfd, data_name = self.data_location(node.data_at)
         job = FillJob(data_dirfd, data_name, dfd, name, limit, self.sync)
         try:
@@ -848,14 +855,19 @@ class Union(MergedView):
 
     # ----------------------------------------------------------------- data and attributes
 
+    def open_own(self, node: Node, flags: int) -> int:
+        """Open NODE's own file in its branch, as it is (no copy-up, no metadata-only copy's
+        lower file)."""
+        dfd, name = self._location(node)
+        return os.open(name, _open_flags(flags), dir_fd=dfd)
+
     def open(self, node: Node, flags: int) -> int:
         """Open NODE's data; copied up first when opened for writing (the data of a
         metadata-only copy is its lower file's, until then)."""
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
             self.require_writable()
             self.copy_up(node)
-        dfd, name = self._location(node)
-        fd = os.open(name, _open_flags(flags), dir_fd=dfd)
+        fd = self.open_own(node, flags)
         if node.data_at is not None:
             try:
                 at = self.data_of(node, fd)
