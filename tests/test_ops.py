@@ -370,6 +370,26 @@ def test_open_file_survives_its_removal(union):
     assert os.listdir(union.mnt) == []
 
 
+@pytest.mark.parametrize("extras", ["", "noextras"])
+def test_xattrs_set_through_a_removed_file_stay_with_it(union, extras):
+    """fsetxattr on an open file whose name went, and now names another file, changes the
+    open file, not the one that has its name now."""
+    union.mount(*([extras] if extras else []))
+    fd = os.open(union / "f", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        os.write(fd, b"old")
+        (union / "g").write_text("new")
+        os.rename(union / "g", union / "f")
+        os.setxattr(fd, "user.colour", b"blue")
+        assert os.getxattr(fd, "user.colour") == b"blue"
+        assert "user.colour" not in os.listxattr(union / "f")
+        assert "user.colour" not in os.listxattr(union["up"] / "f")
+        os.removexattr(fd, "user.colour")
+        assert os.listxattr(fd) == []
+    finally:
+        os.close(fd)
+
+
 def test_reader_sees_writes_made_through_another_open(union):
     (union["low"] / "f").write_bytes(b"0" * 10)
     union.mount()

@@ -689,13 +689,13 @@ class UnionOperations(pyfuse3.Operations):
             raise RuntimeError("self-test failure requested through " + name.decode())
         node = self._node(inode)
         await self._copy_up(node, meta=True)
-        self.union.setxattr(node, name, value)
+        self.union.setxattr(node, name, value, self.data.own_file(node))
 
     @_handler
     async def removexattr(self, inode, name, ctx):
         node = self._node(inode)
         await self._copy_up(node, meta=True)
-        self.union.removexattr(node, name)
+        self.union.removexattr(node, name, self.data.own_file(node))
 
     @_handler
     async def access(self, inode, mode, ctx):

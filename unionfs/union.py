@@ -920,26 +920,27 @@ class Union(MergedView):
             os.utime(target, ns=(atime_ns, mtime_ns), **where)
         return os.fstat(fd) if fd is not None else self.stat(node)
 
-    def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
+    def setxattr(self, node: Node, name: bytes, value: bytes, fd: int | None = None) -> None:
+        """Set NODE's attribute NAME; FD: an open fd of its own file, whose name may be gone."""
         if is_internal_xattr(name):
             raise oserror(errno.EPERM)
-        path, follow = self._xattrs_to_change(node)
-        os.setxattr(path, name, value, follow_symlinks=follow)
+        target, follow = self._xattrs_to_change(node, fd)
+        os.setxattr(target, name, value, follow_symlinks=follow)
 
-    def removexattr(self, node: Node, name: bytes) -> None:
+    def removexattr(self, node: Node, name: bytes, fd: int | None = None) -> None:
         if is_internal_xattr(name):
             raise oserror(errno.ENODATA)
-        path, follow = self._xattrs_to_change(node)
-        os.removexattr(path, name, follow_symlinks=follow)
+        target, follow = self._xattrs_to_change(node, fd)
+        os.removexattr(target, name, follow_symlinks=follow)
 
-    def _xattrs_to_change(self, node: Node) -> tuple[bytes, bool]:
+    def _xattrs_to_change(self, node: Node, fd: int | None) -> tuple[bytes | int, bool]:
         """NODE copied up for an xattr change, its remembered names dropped: where to change."""
         self.require_writable()
         self.copy_up(node, meta=True)
         if node.ino == ROOT_INO and not self.branches[self.layers(node)[0]].writable:
             raise oserror(errno.EROFS)
         node.xattrs = None
-        return self._xattr_path(node)
+        return (fd, True) if fd is not None else self._xattr_path(node)
 
     def fsyncdir(self, node: Node) -> None:
         if node.branch is None or not self.branches[node.branch].writable:
