@@ -273,6 +273,7 @@ def build_spec(p: Parsed):
         layers=layers,
         argv=argv or ["/bin/sh"],
         rw_dir=rw_dir,
+        metacopy=p.rw_dir is None,
         env=environment(list(config.get("Env") or []), p.env),
         workdir=p.workdir or config.get("WorkingDir") or "/",
         user=user,

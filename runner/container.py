@@ -43,6 +43,9 @@ class RunSpec:
     layers: list[BranchSpec]  # read-only, top first
     argv: list[str]
     rw_dir: str | None = None  # kept writable layer; None: a temporary one
+    # metadata-only copy-ups in the writable layer (see unionfs.metacopy): for the layers
+    # the runner owns, not for a --rw DIR, which its user may read or copy by itself
+    metacopy: bool = True
     env: dict[str, str] = field(default_factory=dict)
     workdir: str = "/"
     user: str | None = None  # "UID[:GID]" or a name from the container's /etc/passwd
@@ -316,9 +319,9 @@ class Runner:
         """Serve the union on mnt (the daemon's log goes to a file, shown only on failure)."""
         branches = [BranchSpec(rw, RW), BranchSpec(init, RO_WH), *self.spec.layers]
         before = _device_of(mnt)
-        # (metadata-only copy-ups: the writable layer is the runner's, and a commit reads the
-        # data of such copies from the image's layers)
-        cmd = [sys.executable, "-m", "unionfs", "mount", "-f", "-o", "allow_other,metacopy"]
+        # (a commit reads the data of metadata-only copies from the image's layers)
+        options = "allow_other,metacopy" if self.spec.metacopy else "allow_other"
+        cmd = [sys.executable, "-m", "unionfs", "mount", "-f", "-o", options]
         cmd += [format_branches(branches), mnt]
         with open(self._log_path(), "wb") as log:
             daemon = subprocess.Popen(

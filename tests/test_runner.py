@@ -8,6 +8,7 @@ import select
 import shutil
 import signal
 import site
+import stat
 import subprocess
 import sys
 import tempfile
@@ -320,6 +321,19 @@ def test_rw_dir_is_kept_and_seen_by_later_runs(runner, rootfs, tmp_path):
     assert snapshot(rootfs["root"]) == before
     # the init layer's files and mountpoints never land in the writable layer
     assert sorted(os.listdir(rw)) == ["data.txt"]
+
+
+def test_rw_dir_holds_whole_files(runner, rootfs, tmp_path):
+    """A --rw DIR is the user's, so it stays complete by itself: a chmod copies the data
+    (the layers the runner manages get metadata-only copies, see test_image_run)."""
+    rw = tmp_path / "rw"
+    os.makedirs(rw)
+    os.chown(rw, runner.uid, -1)
+    res = runner("--rw", str(rw), rootfs["root"], "--", "chmod", "600", "/etc/motd")
+    assert res.returncode == 0, res.stderr
+    assert (rw / "etc/motd").read_text() == "image layer\n"
+    assert stat.S_IMODE(os.stat(rw / "etc/motd").st_mode) == 0o600
+    assert "user.pyunion.metacopy" not in os.listxattr(rw / "etc/motd")
 
 
 def test_init_layer_hostname_hosts_resolv(runner, rootfs, tmp_path):
