@@ -144,3 +144,23 @@ def test_writing_an_open_lower_file_whose_name_went(union, known, how):
     assert (union / "d" / "f").read_text() == "XXYY"
     assert (union["low"] / "d" / "f").read_text() == "data"  # the lower branch as it was
     assert (union["low"] / "hl").read_text() == "data"
+
+
+def test_exchange_of_a_directory_and_a_hard_link_of_a_file_inside_it(union):
+    """RENAME_EXCHANGE of lower directory `a` (holding `a/b`) and `hl`, another name of
+    `a/b`'s file: copying `a` up links every known name of that file, `hl` too, which the
+    exchange then found taken (EEXIST; found by the differential test, seed 216)."""
+    from unionfs.syscalls import RENAME_EXCHANGE, renameat2
+
+    (union["low"] / "a").mkdir()
+    (union["low"] / "a/b").write_text("one file")
+    os.link(union["low"] / "a/b", union["low"] / "hl")
+    union.mount()
+    assert os.stat(union / "hl").st_ino == os.stat(union / "a/b").st_ino  # both names known
+    renameat2(-100, os.fsencode(union / "a"), -100, os.fsencode(union / "hl"), RENAME_EXCHANGE)
+    assert (union / "a").read_text() == "one file" and (union / "hl/b").read_text() == "one file"
+    assert os.stat(union / "a").st_ino == os.stat(union / "hl/b").st_ino
+    assert sorted(os.listdir(union.mnt)) == ["a", "hl"]
+    union.remount()
+    assert (union / "a").read_text() == "one file" and (union / "hl/b").read_text() == "one file"
+    assert os.stat(union["low"] / "a/b").st_nlink == 2 and (union["low"] / "hl").is_file()

@@ -450,10 +450,16 @@ class Union(MergedView):
             self.ensure_dir(t, node)
             return node
         if node.branch == t:
-            # another name of this file was copied up already: link to it (a pseudo-link)
+            # another name of this file was copied up already: link to it (a pseudo-link),
+            # unless that copy-up linked this name too (P was probed before it)
             pfd = self.ensure_dir(t, parent)
             sfd, sname = self._location(node)
-            os.link(sname, name, src_dir_fd=sfd, dst_dir_fd=pfd, follow_symlinks=False)
+            try:
+                os.link(sname, name, src_dir_fd=sfd, dst_dir_fd=pfd, follow_symlinks=False)
+            except FileExistsError:
+                st = syscalls.lstat_at(pfd, name)
+                if st is None or self._key(st) != node.key:
+                    raise
             if node.aliases is not None:
                 node.aliases.pop(join(parent.path, name), None)
             return node
