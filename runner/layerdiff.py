@@ -158,7 +158,7 @@ def _add_entry(entries: dict[bytes, layertar.TreeEntry], e: UpperEntry, view: La
         path = b"/".join(e.parts)
         data = None
         if stat.S_ISREG(e.st.st_mode) and e.st.st_size > 0:
-            origin = metacopy.origin_of(e.path)
+            origin = metacopy.origin_of(e.path, path)
             if origin is not None:
                 data = view.data_of(origin)
                 if data is None:

@@ -336,3 +336,45 @@ def test_removing_a_copy_held_open_copies_no_data(union, how):
         assert (union / "f").read_bytes() == b"the new file"
         assert (union["up"] / "f").read_bytes() == b"the new file"
     assert _lower_state(union) == before
+
+
+def test_kernel_overlayfs_metadata_only_copies_in_lower_branches(make_union, tmp_path):
+    """An upper directory that kernel overlayfs filled with metadata-only copies (metacopy=on,
+    as containers-storage may use it), stacked as a lower branch: its copies read the data
+    of the lower file, found again where they were moved (overlay.redirect)."""
+    u = make_union(("up", "rw"), ("ovl", "ro+wh"), ("low", "ro+wh"))
+    data = os.urandom(50_000)
+    _lower(u, "f", data)
+    _lower(u, "d/g", b"small\n")
+    ovl = tmp_path / "ovl-mnt"
+    work = tmp_path / "ovl-work"
+    ovl.mkdir()
+    work.mkdir()
+    r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        f"lowerdir={u['low']},upperdir={u['ovl']},workdir={work},"
+                        "metacopy=on,redirect_dir=on", ovl], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"kernel overlayfs with metacopy unavailable: {r.stderr.strip()}")
+    try:
+        os.chown(ovl / "f", 7, 7)
+        os.chmod(ovl / "d/g", 0o600)
+        os.rename(ovl / "d/g", ovl / "g2")
+    finally:
+        subprocess.run(["umount", ovl], check=True)
+    assert "trusted.overlay.metacopy" in os.listxattr(u["ovl"] / "g2")
+    assert os.lstat(u["ovl"] / "f").st_size == 50_000
+    before = _lower_state(u)
+
+    u.mount("metacopy")
+    assert (u / "f").read_bytes() == data and os.stat(u / "f").st_uid == 7
+    assert (u / "g2").read_bytes() == b"small\n"
+    assert stat.S_IMODE(os.stat(u / "g2").st_mode) == 0o600
+    os.chmod(u / "f", 0o640)  # a copy of overlayfs' copy: no data either
+    assert _origin(u["up"] / "f") == b"f" and os.lstat(u["up"] / "f").st_blocks == 0
+    u.remount()
+    assert (u / "f").read_bytes() == data
+    with open(u / "g2", "ab") as f:  # a whole copy, its data from the lowest branch
+        f.write(b"+")
+    assert (u["up"] / "g2").read_bytes() == b"small\n+"
+    assert "trusted.overlay.metacopy" not in os.listxattr(u["up"] / "g2")
+    assert _lower_state(u) == before

@@ -309,10 +309,10 @@ class MergedView:
             at = None
             if node.branch < len(self.branches) - 1:  # (nothing below the bottom to hold data)
                 if fd is not None:
-                    origin = metacopy.origin_of(fd)
+                    origin = metacopy.origin_of(fd, node.path)
                 else:
                     dfd, name = self._location(node)
-                    origin = metacopy.origin_at(dfd, name)
+                    origin = metacopy.origin_at(dfd, name, node.path)
                 if origin is not None:
                     at = self.find_data(node.branch, origin)
             node.data_at = at
@@ -329,7 +329,7 @@ class MergedView:
             if st is None:
                 continue
             if stat.S_ISREG(st.st_mode):
-                origin = metacopy.origin_at(dfd, name)
+                origin = metacopy.origin_at(dfd, name, path)
                 return (b, path) if origin is None else self.find_data(b, origin)
             break
         log.warning("no branch below %d holds the data of metadata-only copy of %r",

@@ -7,7 +7,8 @@ root) of the lower file that holds the data. It is looked up in the branches bel
 top-down; a metadata-only copy found there leads further down. The first write fills the
 copy in place from that file, syncs it, and only then removes the xattr: a crash leaves
 either the copy still reading the lower data, or the whole data. (Kernel overlayfs'
-`metacopy=on` works alike.)
+`metacopy=on` works alike; its copies, marked `overlay.metacopy` and, if moved,
+`overlay.redirect`, are read the same way where they are found in lower branches.)
 """
 
 import errno
@@ -16,24 +17,37 @@ import os
 from unionfs import syscalls
 
 MARKER = b"user.pyunion.metacopy"
+_MARKER = MARKER.decode()
+_OVERLAY_PREFIXES = ("trusted.overlay.", "user.overlay.")
 _UNSUPPORTED = (errno.ENOTSUP, errno.EPERM, errno.EACCES)
 
 
-def origin_at(dfd: int, name: bytes) -> bytes | None:
-    """The data path recorded by the metadata-only copy NAME in directory DFD, or None if
-    it is not one (or is gone)."""
-    try:
-        return os.getxattr(syscalls.proc_path(dfd, name), MARKER, follow_symlinks=False) or None
-    except OSError:
-        return None
+def origin_at(dfd: int, name: bytes, path: bytes) -> bytes | None:
+    """Where the data of NAME in directory DFD is, if it is a metadata-only copy: a path
+    from the branch root; else None (also if it is gone). PATH: its own path there."""
+    return origin_of(syscalls.proc_path(dfd, name), path)
 
 
-def origin_of(file: int | bytes) -> bytes | None:
+def origin_of(file: int | bytes, path: bytes) -> bytes | None:
     """Like origin_at, for an open fd of the file or its path (not followed if a symlink)."""
+    follow = isinstance(file, int)
     try:
-        return os.getxattr(file, MARKER, follow_symlinks=isinstance(file, int)) or None
+        names = os.listxattr(file, follow_symlinks=follow)
+        if not names:
+            return None
+        if _MARKER in names:
+            return os.getxattr(file, MARKER, follow_symlinks=follow) or None
+        for prefix in _OVERLAY_PREFIXES:
+            if prefix + "metacopy" in names:
+                if prefix + "redirect" not in names:
+                    return path  # (not moved: the same path below)
+                redirect = os.getxattr(file, prefix + "redirect", follow_symlinks=follow)
+                if redirect.startswith(b"/"):
+                    return redirect.lstrip(b"/")
+                return path.rpartition(b"/")[0] + b"/" + redirect if b"/" in path else redirect
     except OSError:
         return None
+    return None
 
 
 def mark(fd: int, origin: bytes) -> bool:
