@@ -2,7 +2,9 @@
 the requests answered at once beside them (fsyncs, links, xattr changes of upper files).
 
 Nothing may fail with EIO (an unexpected error in the daemon), the daemon must log no error,
-and afterwards the merged view must be self-consistent and the lower branch untouched.
+and afterwards the merged view must be self-consistent and the lower branch untouched; with
+metadata-only copy-ups too (chmods, links, renames and xattr changes make them, writes fill
+them, removals pin them).
 """
 
 import errno
@@ -10,13 +12,16 @@ import os
 import random
 import threading
 
+import pytest
+
 from conftest import tree, work_leftovers
 
 EXPECTED = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR, errno.EINVAL,
             errno.EXDEV}
 
 
-def test_concurrent_random_operations(union):
+@pytest.mark.parametrize("options", [(), ("metacopy",)], ids=["copies", "metacopy"])
+def test_concurrent_random_operations(union, options):
     low = union["low"]
     for d in ("a", "b", "a/x"):
         (low / d).mkdir()
@@ -24,7 +29,7 @@ def test_concurrent_random_operations(union):
         (low / ("a" if i % 2 else "b") / f"f{i}").write_text(f"lower {i}")
     (low / "a" / "big").write_bytes(os.urandom(8 << 20))  # copy-ups of this go to a thread
     before = tree(low)
-    union.mount()
+    union.mount(*options)
     failures = []
     done = []
 
@@ -80,7 +85,8 @@ def test_concurrent_random_operations(union):
     for dirpath, dirnames, filenames in os.walk(union.mnt):
         for n in dirnames + filenames:
             os.lstat(os.path.join(dirpath, n))
-    union.remount()
+    union.umount()
+    union.mount(*options)
     for dirpath, dirnames, filenames in os.walk(union.mnt):
         for n in dirnames + filenames:
             os.lstat(os.path.join(dirpath, n))
