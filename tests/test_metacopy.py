@@ -378,3 +378,20 @@ def test_kernel_overlayfs_metadata_only_copies_in_lower_branches(make_union, tmp
     assert (u["up"] / "g2").read_bytes() == b"small\n+"
     assert "trusted.overlay.metacopy" not in os.listxattr(u["up"] / "g2")
     assert _lower_state(u) == before
+
+
+@pytest.mark.parametrize("origin", [b"/etc/passwd", b"../low/f", b"f\0x", b"nowhere"])
+def test_a_mark_naming_no_file_below_answers_eio(make_union, origin):
+    """A branch used as it is may carry any mark: one that names no file below the branch
+    root reads as an I/O error (logged), never as another file or as zeros."""
+    u = make_union(("up", "rw"), ("mid", "ro+wh"), ("low", "ro+wh"))
+    _lower(u, "f", b"lower data")
+    with open(u["mid"] / "f", "wb") as f:
+        f.truncate(10)
+    os.setxattr(u["mid"] / "f", MARKER, origin)
+    u.expected_log.append("holds the data of metadata-only copy")
+    u.mount()
+    with pytest.raises(OSError) as e:
+        (u / "f").read_bytes()
+    assert e.value.errno == errno.EIO
+    assert os.stat(u / "f").st_size == 10

@@ -323,7 +323,7 @@ class MergedView:
         branch below holding PATH, or where that one's data is if it is such a copy too
         (ABOVE -1: from the top branch down)."""
         directory, name = split(path)
-        for b in range(above + 1, len(self.branches)):
+        for b in range(above + 1, len(self.branches) if metacopy.is_relative(path) else 0):
             dfd = self.dirs.lookup(b, directory)
             st = syscalls.lstat_at(dfd, name) if dfd is not None else None
             if st is None:

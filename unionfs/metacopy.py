@@ -50,6 +50,13 @@ def origin_of(file: int | bytes, path: bytes) -> bytes | None:
     return None
 
 
+def is_relative(path: bytes) -> bool:
+    """Whether PATH can name a file below a branch root: relative, no `..`, no NUL (the
+    marks come from branches, which may be anyone's)."""
+    return bool(path) and not path.startswith(b"/") and b"\0" not in path \
+        and b".." not in path.split(b"/")
+
+
 def mark(fd: int, origin: bytes) -> bool:
     """Record ORIGIN as where the data of the copy open as FD is; False where the branch's
     filesystem keeps no user xattrs (then the copy must hold its data)."""
