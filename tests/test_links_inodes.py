@@ -164,3 +164,36 @@ def test_exchange_of_a_directory_and_a_hard_link_of_a_file_inside_it(union):
     union.remount()
     assert (union / "a").read_text() == "one file" and (union / "hl/b").read_text() == "one file"
     assert os.stat(union["low"] / "a/b").st_nlink == 2 and (union["low"] / "hl").is_file()
+
+
+@pytest.mark.parametrize("replacement", ["fifo", "dir", "none"])
+def test_writing_an_open_lower_file_removed_then_its_directory_renamed(union, replacement):
+    """A lower file held open whose name was removed, then its directory renamed (and
+    something else made at the old name): a write through the open file lands in a copy with
+    no name. It used to look the lower file up under the directory's new path (ENOENT), or
+    under the old path in the merged tree, where the branches now hold something else
+    (ENOTDIR; found by the differential test with the writeback cache, seed 798)."""
+    (union["low"] / "d").mkdir()
+    (union["low"] / "d" / "f").write_text("data")
+    (union["low"] / "d" / "g").write_text("stays")
+    union.mount()
+    fd = os.open(union / "d" / "f", os.O_RDWR)
+    try:
+        os.unlink(union / "d" / "f")
+        os.rename(union / "d", union / "e")
+        if replacement == "fifo":
+            os.mkfifo(union / "d")
+        elif replacement == "dir":
+            os.mkdir(union / "d")
+        os.pwrite(fd, b"XX", 0)
+        assert os.pread(fd, 100, 0) == b"XXta"
+        assert os.fstat(fd).st_size == 4
+    finally:
+        os.close(fd)
+    assert sorted(os.listdir(union / "e")) == ["g"] and (union / "e" / "g").read_text() == "stays"
+    assert sorted(os.listdir(union.mnt)) == (["e"] if replacement == "none" else ["d", "e"])
+    if replacement == "dir":
+        assert os.listdir(union / "d") == []
+    assert (union["low"] / "d" / "f").read_text() == "data"
+    union.remount()
+    assert sorted(os.listdir(union / "e")) == ["g"]

@@ -135,6 +135,8 @@ class Union(MergedView):
         if fd is not None:
             return fd
         layers = self.layers(node)
+        if not layers:  # (it shows nothing: see _keep_in_place)
+            raise oserror(errno.ENOENT, node.path)
         if t > node.stop:
             raise oserror(errno.EROFS, node.path)
         pfd = self.ensure_dir(t, node.parent)
@@ -850,7 +852,11 @@ class Union(MergedView):
             node.path, node.parent = new_path, new_parent
         if node.is_dir:
             prefix = old_path + b"/"
+            ghosts: dict[bytes, Node] = {}
             for n in self.table.under(old_path):
+                if not n.is_dir and not self.branches[n.branch].writable:
+                    self._keep_in_place(n, ghosts)
+                    continue
                 n.path = new_path + n.path[len(old_path):]
             for n in self.table.by_ino.values():
                 if n.aliases:
@@ -858,6 +864,18 @@ class Union(MergedView):
                         (new_path + p[len(old_path):] if p.startswith(prefix) else p): par
                         for p, par in n.aliases.items()
                     }
+
+    def _keep_in_place(self, node: Node, ghosts: dict[bytes, Node]) -> None:
+        """A lower file left below a directory that moves: every one still shown was copied
+        up with it, so this one's name went while the kernel held it (it may still read or
+        write it). It keeps its lower path, under a directory node that shows nothing (so a
+        copy-up makes a copy with no name), whatever the merged tree puts there now."""
+        directory = node.path.rpartition(b"/")[0]
+        ghost = ghosts.get(directory)
+        if ghost is None:
+            ghost = ghosts[directory] = Node(0, (-1, 0), directory, node.branch, True)
+            ghost.layers = ()
+        node.parent = ghost
 
     # ----------------------------------------------------------------- data and attributes
 
