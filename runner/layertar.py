@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from runner.layerview import LayerView
 from unionfs.layers import remove_tree_at
-from unionfs.syscalls import open_beneath
+from unionfs.syscalls import O_PATH_DIR, open_beneath
 from unionfs.whiteout import WH_PREFIX, fits_whiteout, whited_out
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -411,7 +411,7 @@ def _xattr_headers(path: str) -> dict[str, str]:
 def _open_data(entry: TreeEntry, size: int) -> int:
     """Open the lower file holding a metadata-only copy's data, never through a symlink."""
     layer, path = entry.data
-    root = os.open(layer, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    root = os.open(layer, O_PATH_DIR)
     try:
         fd = open_beneath(root, path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     finally:
