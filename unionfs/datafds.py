@@ -56,19 +56,15 @@ class DataFds:
             os.close(self._fds.popitem(last=False)[1][0])
 
     def current(self, node: Node) -> int | None:
-        """NODE's open file, if there is one (none is opened), to read its attributes: not
-        the lower file a metadata-only copy reads. It holds the current data: every copy-up
-        closes the fds of the lower file (see copied)."""
+        """NODE's own open file, if there is one (none is opened): to read or change its
+        attributes and xattrs, or fill it (not the lower file a metadata-only copy reads),
+        also when its name went (see pin). It holds the current data: every copy-up closes
+        the fds of the lower file (see copied)."""
         entry = self._pinned.get(node.ino)
         if entry is not None:
             return entry[0]
         entry = self._fds.get(node.ino)
         return None if entry is None or node.data_at is not None else entry[0]
-
-    def own_file(self, node: Node) -> int | None:
-        """The pinned fd of NODE's own file (see pin), if there is one."""
-        entry = self._pinned.get(node.ino)
-        return None if entry is None else entry[0]
 
     def writable(self, node: Node) -> int | None:
         for table in (self._pinned, self._fds):

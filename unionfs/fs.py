@@ -98,7 +98,7 @@ class UnionOperations(pyfuse3.Operations):
         self.data = DataFds(union)
         union.before_unlink = self.data.pin
         union.after_copy_up = self.data.copied
-        union.own_file = self.data.own_file
+        union.own_file = self.data.current
         self._copy_locks: dict[int, trio.Lock] = {}
         self._blocking = trio.CapacityLimiter(2)  # heavy blocking work: big copy-ups, fsync
         self._fsync_seconds = 0.0  # how long recent fsyncs took (a moving average)
@@ -689,13 +689,13 @@ class UnionOperations(pyfuse3.Operations):
             raise RuntimeError("self-test failure requested through " + name.decode())
         node = self._node(inode)
         await self._copy_up(node, meta=True)
-        self.union.setxattr(node, name, value, self.data.own_file(node))
+        self.union.setxattr(node, name, value, self.data.current(node))
 
     @_handler
     async def removexattr(self, inode, name, ctx):
         node = self._node(inode)
         await self._copy_up(node, meta=True)
-        self.union.removexattr(node, name, self.data.own_file(node))
+        self.union.removexattr(node, name, self.data.current(node))
 
     @_handler
     async def access(self, inode, mode, ctx):
