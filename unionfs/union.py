@@ -452,16 +452,10 @@ class Union(MergedView):
             self.ensure_dir(t, node)
             return node
         if node.branch == t:
-            # another name of this file was copied up already: link to it (a pseudo-link),
-            # unless that copy-up linked this name too (P was probed before it)
+            # another name of this file was copied up already: link to it (a pseudo-link)
             pfd = self.ensure_dir(t, parent)
             sfd, sname = self._location(node)
-            try:
-                os.link(sname, name, src_dir_fd=sfd, dst_dir_fd=pfd, follow_symlinks=False)
-            except FileExistsError:
-                st = syscalls.lstat_at(pfd, name)
-                if st is None or self._key(st) != node.key:
-                    raise
+            os.link(sname, name, src_dir_fd=sfd, dst_dir_fd=pfd, follow_symlinks=False)
             if node.aliases is not None:
                 node.aliases.pop(join(parent.path, name), None)
             return node
@@ -773,6 +767,9 @@ class Union(MergedView):
             self._copy_up_tree(node, t)
         other = None
         if flags & syscalls.RENAME_EXCHANGE:
+            # (copying the source up may have linked this name already: a hard link of a
+            # file inside it)
+            dst = self.probe(new_parent, new, full=True)
             other = self._copy_up_name(new_parent, new, dst, t)
             if other.is_dir and (len(self.layers(other)) > 1 or other.branch != t):
                 self._copy_up_tree(other, t)
