@@ -251,6 +251,25 @@ def test_container_contract_errors(tmp_path, home):
         assert json.load(f)["image"] == inspect(home, "busy:1")["Id"]
 
 
+def test_commit_refuses_a_metadata_only_copy_whose_data_no_layer_holds(home):
+    """A metadata-only copy in a container's layer whose data is in none of the image's
+    layers (a layer edited by hand, say) must not go into a commit as empty data: one line,
+    and nothing is stored."""
+    store = Store(home)
+    upper = store.prepare_container("meta", "busy:1")
+    layers_before = sorted(os.listdir(os.path.join(home, "layers")))
+    images_before = sorted(os.listdir(os.path.join(home, "images")))
+    path = os.path.join(upper, "lost")
+    with open(path, "wb") as f:
+        f.truncate(100)
+    os.setxattr(path, "user.pyunion.metacopy", b"home/user/lost")
+    line = one_line_error(pyunion("commit", "meta", "lost:1", home=home, check=False))
+    assert "no layer of the image holds its data" in line and "/lost" in line
+    assert sorted(os.listdir(os.path.join(home, "layers"))) == layers_before
+    assert sorted(os.listdir(os.path.join(home, "images"))) == images_before
+    assert os.listdir(os.path.join(home, "tmp")) == []
+
+
 def test_rootless_commit_maps_the_callers_ids_back_to_root(shared_dir):
     home = os.path.join(shared_dir, "store")
     layers = three_layers()[:1]

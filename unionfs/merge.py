@@ -315,6 +315,9 @@ class MergedView:
                     origin = metacopy.origin_at(dfd, name, node.path)
                 if origin is not None:
                     at = self.find_data(node.branch, origin)
+                    if at[0] < 0:
+                        log.warning("no branch below %d holds the data of %r, a metadata-only "
+                                    "copy of %r", node.branch, node.path, origin)
             node.data_at = at
         return at
 
@@ -332,8 +335,6 @@ class MergedView:
                 origin = metacopy.origin_at(dfd, name, path)
                 return (b, path) if origin is None else self.find_data(b, origin)
             break
-        log.warning("no branch below %d holds the data of metadata-only copy of %r",
-                    above, path)
         return (-1, path)
 
     def data_location(self, at: tuple[int, bytes]) -> tuple[int, bytes]:
