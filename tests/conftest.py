@@ -37,7 +37,8 @@ def force_unmount(path) -> None:
 
 
 def tree(root) -> dict:
-    """Everything under ROOT, for before/after comparisons: path -> (mode, size, content/target)."""
+    """Everything under ROOT, for before/after comparisons: path -> (mode, owner, link count,
+    size, mtime, content/target)."""
     root = Path(root)
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
@@ -50,7 +51,8 @@ def tree(root) -> dict:
                 data = p.read_bytes()
             else:
                 data = None
-            out[str(p.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns, data)
+            out[str(p.relative_to(root))] = (st.st_mode, st.st_uid, st.st_gid, st.st_nlink,
+                                             st.st_size, st.st_mtime_ns, data)
     return out
 
 

@@ -2,7 +2,6 @@
 copies no data; the data is read from the lower file until a write fills the copy in place."""
 
 import errno
-import hashlib
 import os
 import stat
 import subprocess
@@ -10,15 +9,10 @@ import time
 
 import pytest
 
-from conftest import kill_while_appending
+from conftest import kill_while_appending, tree
 from unionfs.metacopy import MARKER
 
 BIG = 3 << 20  # written in a worker thread when filled (see unionfs.fs.THREAD_COPY_BYTES)
-
-
-def _digest(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def _lower(union, rel, data):
@@ -37,23 +31,13 @@ def _origin(path) -> bytes | None:
         return None
 
 
-def _lower_state(union) -> dict:
-    out = {}
-    for dirpath, _, names in os.walk(union["low"]):
-        for n in names:
-            p = os.path.join(dirpath, n)
-            st = os.lstat(p)
-            out[p] = (st.st_mode, st.st_uid, st.st_mtime_ns, st.st_nlink, _digest(p))
-    return out
-
-
 @pytest.mark.parametrize("extras", [True, False], ids=["session", "noextras"])
 def test_metadata_changes_copy_no_data(union, extras):
     data = os.urandom(BIG)
     _lower(union, "d/big", data)
     _lower(union, "d/small", b"small file\n")
     _lower(union, "top", b"at the root\n")
-    before = _lower_state(union)
+    before = tree(union["low"])
     union.mount("metacopy", *(() if extras else ("noextras",)))
     os.chmod(union / "d/big", 0o600)
     os.chown(union / "d/small", 1234, 4321)
@@ -82,14 +66,14 @@ def test_metadata_changes_copy_no_data(union, extras):
     assert (union / "d/big").read_bytes() == data
     assert os.lstat(union / "d/big").st_blocks == os.lstat(union["low"] / "d/big").st_blocks
     assert stat.S_IMODE(os.stat(union / "d/big").st_mode) == 0o600
-    assert _lower_state(union) == before
+    assert tree(union["low"]) == before
 
 
 @pytest.mark.parametrize("how", ["append", "overwrite", "trunc_open", "truncate"])
 def test_a_write_fills_the_copy_in_place(union, how):
     data = os.urandom(BIG)
     _lower(union, "d/f", data)
-    before = _lower_state(union)
+    before = tree(union["low"])
     union.mount("metacopy")
     os.chmod(union / "d/f", 0o4755)
     os.utime(union / "d/f", ns=(7_000_000_000, 8_000_000_000))
@@ -123,14 +107,14 @@ def test_a_write_fills_the_copy_in_place(union, how):
     assert stat.S_IMODE(st.st_mode) == 0o4755  # (root wrote it: the set-id bit stays)
     union.remount()
     assert (union / "d/f").read_bytes() == want
-    assert _lower_state(union) == before
+    assert tree(union["low"]) == before
 
 
 def test_renamed_copies_read_their_lower_file(union):
     a, b = os.urandom(100_000), os.urandom(70_000)
     _lower(union, "d/a", a)
     _lower(union, "d/sub/b", b)
-    before = _lower_state(union)
+    before = tree(union["low"])
     union.mount("metacopy")
     os.chmod(union / "d/a", 0o640)
     os.rename(union / "d/a", union / "moved")
@@ -152,7 +136,7 @@ def test_renamed_copies_read_their_lower_file(union):
         f.write(b"!")
     assert (union / "moved").read_bytes() == a + b"!"
     assert (union["up"] / "moved").read_bytes() == a + b"!"
-    assert _lower_state(union) == before
+    assert tree(union["low"]) == before
 
 
 def test_which_changes_copy_data(union):
@@ -309,7 +293,7 @@ def test_removing_a_copy_held_open_copies_no_data(union, how):
     filled first (rm -rf after chown -R would copy every file); it fills only if written."""
     data = os.urandom(BIG)
     _lower(union, "f", data)
-    before = _lower_state(union)
+    before = tree(union["low"])
     union.mount("metacopy")
     os.chmod(union / "f", 0o600)
     fd = os.open(union / "f", os.O_RDWR)
@@ -335,7 +319,7 @@ def test_removing_a_copy_held_open_copies_no_data(union, how):
     if how == "renamed_over":
         assert (union / "f").read_bytes() == b"the new file"
         assert (union["up"] / "f").read_bytes() == b"the new file"
-    assert _lower_state(union) == before
+    assert tree(union["low"]) == before
 
 
 def test_kernel_overlayfs_metadata_only_copies_in_lower_branches(make_union, tmp_path):
@@ -363,7 +347,7 @@ def test_kernel_overlayfs_metadata_only_copies_in_lower_branches(make_union, tmp
         subprocess.run(["umount", ovl], check=True)
     assert "trusted.overlay.metacopy" in os.listxattr(u["ovl"] / "g2")
     assert os.lstat(u["ovl"] / "f").st_size == 50_000
-    before = _lower_state(u)
+    before = tree(u["low"])
 
     u.mount("metacopy")
     assert (u / "f").read_bytes() == data and os.stat(u / "f").st_uid == 7
@@ -377,7 +361,7 @@ def test_kernel_overlayfs_metadata_only_copies_in_lower_branches(make_union, tmp
         f.write(b"+")
     assert (u["up"] / "g2").read_bytes() == b"small\n+"
     assert "trusted.overlay.metacopy" not in os.listxattr(u["up"] / "g2")
-    assert _lower_state(u) == before
+    assert tree(u["low"]) == before
 
 
 @pytest.mark.parametrize("origin", [b"/etc/passwd", b"../low/f", b"f\0x", b"nowhere"])
