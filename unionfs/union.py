@@ -2,7 +2,9 @@
 
 Operations take and return Nodes and raise OSError(errno) where a check fails. Writes go to
 the top writable branch (or in place on a writable branch); read-only branches are never
-modified. Copies are built in the work area and published with one rename (see copyup).
+modified. Copies are built in the work area and published with one rename (see copyup);
+with `metacopy`, a change of metadata alone publishes a copy without data, filled in place
+by the first write (see unionfs.metacopy).
 """
 
 import errno
