@@ -56,6 +56,28 @@ def tree(root) -> dict:
     return out
 
 
+def marked(root) -> list[str]:
+    """Files under ROOT that are metadata-only copies (see unionfs.metacopy)."""
+    from unionfs.metacopy import MARKER
+
+    found = []
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            if not os.path.islink(p) and MARKER.decode() in os.listxattr(p):
+                found.append(os.path.relpath(p, root))
+    return sorted(found)
+
+
+def wait_filled(root, timeout: float = 10.0) -> list[str]:
+    """Wait until the mount's filler gave every metadata-only copy under ROOT its data (see
+    unionfs.filler); what is still marked then."""
+    deadline = time.monotonic() + timeout
+    while (left := marked(root)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return left
+
+
 def kill_while_appending(union, rel, meanwhile) -> None:
     """Append to REL through the mount; once MEANWHILE() returns, SIGKILL the daemon, then
     detach the dead mount."""
@@ -91,6 +113,7 @@ class UnionMount:
         self.branches = list(branches)  # [(name, mode)]
         self.options = list(options)
         self.expected_log: list[str] = []
+        self._extra: tuple[str, ...] = ()
         for name, _ in self.branches:
             (base / name).mkdir(exist_ok=True)
 
@@ -106,6 +129,7 @@ class UnionMount:
 
     def mount(self, *extra_opts, debug=False):
         """Mount with the union's options and EXTRA_OPTS; DEBUG logs every request."""
+        self._extra = extra_opts
         opts = ",".join([f"logfile={self.log}", *self.options, *extra_opts])
         r = pyunion("mount", *(["-d"] if debug else []), "-o", opts, self.spec, self.mnt)
         assert r.returncode == 0, r.stderr
@@ -118,8 +142,9 @@ class UnionMount:
         assert not is_mounted(self.mnt)
 
     def remount(self):
+        """Unmount, and mount again with the same options."""
         self.umount()
-        return self.mount()
+        return self.mount(*self._extra)
 
     def requests(self) -> list[str]:
         """Names of the requests served so far (mounted with debug=True), in order."""

@@ -91,7 +91,7 @@ def test_unknown_option(dirs):
     ("negative_timeout=1e30", "must be at most"),
     ("logfile=", "logfile needs a value"),
     ("readdirplus=sometimes", "readdirplus: 'always' or 'auto'"),
-    ("metacopy=maybe", "metacopy: 'on' or 'off'"),
+    ("metacopy=maybe", "metacopy: 'fill', 'on' or 'off'"),
     ("readdirplus=auto,noextras", "readdirplus=auto needs pyunion's own session"),
     ("lowlatency,noextras", "lowlatency needs pyunion's own session"),
     ("lowlatency,poll=0", "drop poll=0"),

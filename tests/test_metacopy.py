@@ -158,9 +158,9 @@ def test_which_changes_copy_data(union):
     assert (union / "written").read_bytes() == b"Written data"
 
 
-def test_without_the_option_copies_carry_their_data(union):
+def test_metacopy_off_copies_carry_their_data(union):
     _lower(union, "f", b"data")
-    union.mount()
+    union.mount("metacopy=off")
     os.chmod(union / "f", 0o600)
     assert _origin(union["up"] / "f") is None
     assert (union["up"] / "f").read_bytes() == b"data"

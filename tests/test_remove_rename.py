@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 
+from conftest import wait_filled
 from unionfs.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -152,6 +153,7 @@ def test_rename_lower_file(union):
     union.mount()
     os.rename(union / "a", union / "b")
     assert (union / "b").read_text() == "A" and not (union / "a").exists()
+    assert wait_filled(union["up"]) == []
     assert (union["up"] / ".wh.a").exists() and (union["up"] / "b").read_text() == "A"
     assert (union["low"] / "a").read_text() == "A"
 
@@ -315,6 +317,7 @@ def test_open_file_survives_a_rename_over_it(union):
         assert f.read() == "old upper file"
         assert (union / "dst").read_text() == "new"
         assert os.fstat(f.fileno()).st_size == len("old upper file")
+    assert wait_filled(union["up"]) == []  # (a rename copies up in the background: see filler)
     assert (union["up"] / "dst").read_text() == "new"
     assert (union["low"] / "src").read_text() == "new"
 

@@ -91,3 +91,40 @@ def test_unprivileged_user_makes_metadata_only_copies(tmp_path, test_user):
     assert "user.pyunion.metacopy" not in os.listxattr(base / "up" / "filled")
     assert (base / "low" / "kept").read_bytes() == data == (base / "low" / "filled").read_bytes()
     assert "Traceback" not in log.read_text() and "WARNING" not in log.read_text()
+
+
+def test_unprivileged_daemon_fills_copies_it_may_not_write(tmp_path, test_user):
+    """The default fills metadata-only copies in the background; a daemon without root's
+    powers fills read-only ones too (made writable while filled, their mode put back)."""
+    uid, gid = test_user
+    base = tmp_path / "rootless-fill"
+    for d in ("up", "low", "mnt"):
+        (base / d).mkdir(parents=True)
+    data = os.urandom(100_000)
+    for name in ("readonly", "renamed", "noaccess"):
+        (base / "low" / name).write_bytes(data)
+        os.chmod(base / "low" / name, 0o444)
+    for p in [base, *base.rglob("*")]:
+        os.chown(p, uid, gid)
+    log = base / "log"
+
+    def session():
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(base)}
+        run = lambda *a: subprocess.run([*PYUNION, *a], check=True, env=env, capture_output=True)  # noqa: E731
+        run("mount", "-o", f"logfile={log}", f"{base}/up:{base}/low", f"{base}/mnt")
+        try:
+            os.utime(base / "mnt" / "readonly", ns=(1_000_000_000, 2_000_000_000))
+            os.rename(base / "mnt" / "renamed", base / "mnt" / "moved")
+            os.chmod(base / "mnt" / "noaccess", 0)
+        finally:
+            run("umount", f"{base}/mnt")  # (returns once the daemon has filled them)
+
+    with reachable_by_others(base, REPO), fuse_for_everyone():
+        assert as_user(uid, gid, session) == 0
+    for name, mode in (("readonly", 0o444), ("moved", 0o444), ("noaccess", 0)):
+        p = base / "up" / name
+        assert (p.read_bytes(), stat.S_IMODE(os.lstat(p).st_mode)) == (data, mode), name
+        assert "user.pyunion.metacopy" not in os.listxattr(p)
+    assert os.lstat(base / "up" / "readonly").st_mtime_ns == 2_000_000_000
+    assert (base / "low" / "renamed").read_bytes() == data
+    assert "Traceback" not in log.read_text() and "WARNING" not in log.read_text()

@@ -201,7 +201,8 @@ class FillJob:
         self._where = (data_dirfd, data_name, dirfd, name)
         self._src: int | None = None
         self._dst: int | None = None
-        self.st: os.stat_result | None = None
+        self.st: os.stat_result | None = None  # the copy before the fill
+        self.skipped = False  # found filled or removed before its fill (see unionfs.filler)
 
     @property
     def size(self) -> int:
@@ -211,25 +212,58 @@ class FillJob:
     def prepare(self) -> None:
         data_dirfd, data_name, dirfd, name = self._where
         flags = os.O_NOFOLLOW | os.O_CLOEXEC
-        if name is None:
-            self._dst = os.open(syscalls.proc_path(dirfd), os.O_RDWR | os.O_CLOEXEC)
-        else:
-            self._dst = os.open(name, os.O_RDWR | flags, dir_fd=dirfd)
-        self.st = os.fstat(self._dst)
+        held = None if name is None else os.open(name, os.O_PATH | flags, dir_fd=dirfd)
+        try:
+            path = syscalls.proc_path(dirfd if held is None else held)
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EINVAL, "not a regular file", name)
+            try:
+                self._dst = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except PermissionError:
+                # a copy its owner may not write (mode 0444, say; a daemon without root's
+                # powers): writable while it is filled, its mode put back by finish
+                os.chmod(path, stat.S_IMODE(st.st_mode) | stat.S_IRUSR | stat.S_IWUSR)
+                self._dst = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        finally:
+            if held is not None:
+                os.close(held)
+        self.st = st
         self._src = os.open(data_name, os.O_RDONLY | flags, dir_fd=data_dirfd)
 
     def copy_data(self) -> None:
+        self.copy()
+        self.flush()
+
+    def copy(self) -> None:
+        """Copy the data, not synced yet (the slow part: safe in a worker thread)."""
         syscalls.copy_data(self._src, self._dst, self.size, writeback=self.sync)
+
+    def flush(self) -> None:
         if self.sync and self.size > 0:
             os.fdatasync(self._dst)
 
     def finish(self) -> None:
+        """Drop the mark (the data is synced) and put back the times and mode the fill
+        changed (a write may drop set-id bits). The caller keeps other changes of them out
+        meanwhile (see UnionOperations.copy_up_at_once)."""
         st = self.st
         metacopy.unmark(self._dst)
         os.utime(self._dst, ns=(st.st_atime_ns, st.st_mtime_ns))
-        if os.fstat(self._dst).st_mode != st.st_mode:  # (a write may drop set-id bits)
-            os.chmod(self._dst, stat.S_IMODE(st.st_mode))
+        self._put_back_mode()
         self.close()
+
+    def _put_back_mode(self) -> None:
+        if os.fstat(self._dst).st_mode != self.st.st_mode:
+            os.chmod(self._dst, stat.S_IMODE(self.st.st_mode))
+
+    def is_marked(self) -> bool:
+        """Whether the copy still says its data is elsewhere (nothing filled it meanwhile)."""
+        return metacopy.is_marked(self._dst)
+
+    @property
+    def links(self) -> int:
+        return os.fstat(self._dst).st_nlink
 
     def close(self) -> None:
         for fd in (self._src, self._dst):
@@ -242,6 +276,8 @@ class FillJob:
             try:  # (drop what was filled: the mark still says the lower file has the data)
                 os.ftruncate(self._dst, 0)
                 os.ftruncate(self._dst, self.st.st_size)
+                os.utime(self._dst, ns=(self.st.st_atime_ns, self.st.st_mtime_ns))
+                self._put_back_mode()
             except OSError as e:
                 log.warning("cannot empty a partly filled copy: %s", e)
         self.close()

@@ -16,7 +16,9 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
+from unionfs import syscalls
 from unionfs.datafds import DataFds
+from unionfs.filler import Filler
 from unionfs.inodes import ROOT_INO, Node
 from unionfs.merge import DT_DIR
 from unionfs.union import DirHandle, Union
@@ -82,7 +84,8 @@ class UnionOperations(pyfuse3.Operations):
     enable_acl = True
 
     def __init__(self, union: Union, entry_timeout: float = 86400.0, attr_timeout: float = 86400.0,
-                 negative_timeout: float = 86400.0, writeback: bool = False, debug: bool = False):
+                 negative_timeout: float = 86400.0, writeback: bool = False, debug: bool = False,
+                 fill: bool = False):
         super().__init__()
         self.union = union
         self.entry_timeout = entry_timeout
@@ -101,6 +104,12 @@ class UnionOperations(pyfuse3.Operations):
         union.own_file = self.data.current
         self._copy_locks: dict[int, trio.Lock] = {}
         self._blocking = trio.CapacityLimiter(2)  # heavy blocking work: big copy-ups, fsync
+        # FILL: metadata-only copies in the writable branch get their data in the background
+        # (its task, `filler.run`, and `filler.drain` before unmounting are the caller's)
+        self.filler = None
+        if fill and not union.readonly:
+            self.filler = Filler(union, self._copy_locks, self.in_worker)
+            union.after_metadata_only = self.filler.add
         self._fsync_seconds = 0.0  # how long recent fsyncs took (a moving average)
         # how the kernel is told to forget entries and inodes (see _refresh): set by a session
         # that speaks the protocol itself; pyfuse3's notifications otherwise
@@ -153,8 +162,9 @@ class UnionOperations(pyfuse3.Operations):
         META: a change of metadata alone (see Union.prepare_copy_up).
         """
         union = self.union
-        if not union.needs_copy_up(node, meta):
+        if not union.needs_copy_up(node, meta) and node.ino not in self._copy_locks:
             return
+        # (a copy-up or fill under way: the change waits for it, see copy_up_at_once)
         lock = self._copy_locks.setdefault(node.ino, trio.Lock())
         try:
             async with lock:
@@ -176,12 +186,15 @@ class UnionOperations(pyfuse3.Operations):
 
     def copy_up_at_once(self, node: Node, limit: int | None = None, meta: bool = False) -> bool:
         """Copy NODE up for a change in the loop if that moves no data (see
-        Union.copy_moves_no_data) and no copy-up of it is under way: True once it needs
+        Union.copy_moves_no_data) and no copy-up or fill of it is under way (a change made
+        while a fill copies would race the times and mode it puts back): True once it needs
         none; False if it must wait (as a task: see _copy_up)."""
         union = self.union
+        if node.ino in self._copy_locks:
+            return False
         if not union.needs_copy_up(node, meta):
             return True
-        if node.ino in self._copy_locks or not union.copy_moves_no_data(node, limit, meta):
+        if not union.copy_moves_no_data(node, limit, meta):
             return False
         job = union.prepare_copy_up(node, limit, meta)
         if job is not None:
@@ -516,11 +529,13 @@ class UnionOperations(pyfuse3.Operations):
         pass
 
     def fd_for(self, ino: int, write: bool) -> int:
-        """The data fd of inode INO, for the session's lseek and fallocate."""
-        node = self._node(ino)
-        if write and self.union.needs_copy_up(node):
-            self.union.copy_up(node)
-        return self.data.get(node, write)
+        """The data fd of inode INO, for the session's lseek and fallocate (a file to write
+        to was copied up first: see fallocate_copying)."""
+        return self.data.get(self._node(ino), write)
+
+    async def fallocate_copying(self, node: Node, mode: int, offset: int, size: int) -> None:
+        await self._copy_up(node)
+        syscalls.fallocate(self.data.get(node, True), mode, offset, size)
 
     # ------------------------------------------------------------------ directories
 

@@ -98,6 +98,9 @@ class MergedView:
             self.close()
             raise
         self.dirs = DirFdCache(self.branches)
+        # called with each node found to be a metadata-only copy in the writable branch, or
+        # made one (see unionfs.filler), or None
+        self.after_metadata_only = None
         self.origin: dict[Key, Key] = {}  # copied-up entry (dev, ino) -> key of its origin
         top = os.fstat(self.branches[0].fd)
         root = Node(ROOT_INO, (top.st_dev, top.st_ino), b"", 0, True)
@@ -319,6 +322,9 @@ class MergedView:
                         log.warning("no branch below %d holds the data of %r, a metadata-only "
                                     "copy of %r", node.branch, node.path, origin)
             node.data_at = at
+            if at is not None and self.after_metadata_only is not None \
+                    and node.branch == self.top_rw:
+                self.after_metadata_only(node)
         return at
 
     def find_data(self, above: int, path: bytes) -> tuple[int, bytes]:

@@ -69,6 +69,15 @@ def mark(fd: int, origin: bytes) -> bool:
         raise
 
 
+def is_marked(fd: int) -> bool:
+    """Whether the file open as FD carries pyunion's mark (overlayfs' marks are not ours to
+    remove: a copy that has them is left as it is)."""
+    try:
+        return _MARKER in os.listxattr(fd)
+    except OSError:
+        return False
+
+
 def unmark(fd: int) -> None:
     """The copy open as FD holds its data now."""
     try:

@@ -38,7 +38,9 @@ class MountOptions:
     negative_timeout: float = 86400.0
     writeback: bool = False
     volatile: bool = False
-    metacopy: bool = False  # metadata-only copy-ups (see unionfs.metacopy)
+    # metadata-only copy-ups (see unionfs.metacopy): "fill" (filled in the background, see
+    # unionfs.filler), "on" (kept until written), "off" (whole copies at once)
+    metacopy: str = "fill"
     extras: bool = True  # unionfs.session (off: pyfuse3's own loop and handlers)
     poll_us: float = 200.0  # the session's longest wait by polling (see Session._poll)
     opens: bool = False  # have the kernel send OPEN/OPENDIR, as old kernels do (diagnosis)
@@ -97,11 +99,11 @@ def parse_options(items: list[str]) -> MountOptions:
             elif key == "volatile" and not sep:
                 o.volatile = True
             elif key in ("metacopy", "nometacopy") and not sep:
-                o.metacopy = key == "metacopy"
+                o.metacopy = "on" if key == "metacopy" else "off"
             elif key == "metacopy" and sep:
-                if value not in ("on", "off"):
-                    raise UsageError(f"option metacopy: 'on' or 'off', not {value!r}")
-                o.metacopy = value == "on"
+                if value not in ("fill", "on", "off"):
+                    raise UsageError(f"option metacopy: 'fill', 'on' or 'off', not {value!r}")
+                o.metacopy = value
             elif key == "noextras" and not sep:
                 o.extras = False
             elif key == "opens" and not sep:
@@ -368,11 +370,13 @@ def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: b
     _raise_fd_limit()
     try:
         union = Union(specs, workdir=workdir, readonly=o.readonly, sync=not o.volatile,
-                      metacopy=o.metacopy)
+                      metacopy=o.metacopy != "off")
     except OSError as e:
         where = os.fsdecode(e.filename) if e.filename else "a branch"
         raise UsageError(f"branch {where}: {e.strerror}") from None
-    ops = UnionOperations(union, o.entry_timeout, o.attr_timeout, o.negative_timeout, o.writeback, debug)
+    # (with metacopy=off, copies left by an earlier mount are filled too)
+    ops = UnionOperations(union, o.entry_timeout, o.attr_timeout, o.negative_timeout, o.writeback,
+                          debug, fill=o.metacopy != "on")
     fuse_options = {f"fsname={o.fsname}", "subtype=pyunion"} | set(o.kernel_flags)
     if o.default_permissions:
         fuse_options.add("default_permissions")
@@ -415,8 +419,12 @@ def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: b
             nursery.start_soon(_raise_readahead_when_live, ops, real_mountpoint)
             if ready is not None:
                 nursery.start_soon(_report_ready_when_probed, ready, probe)
+            if ops.filler is not None:
+                nursery.start_soon(ops.filler.run)
             await (session.serve() if session else pyfuse3.main())
             nursery.cancel_scope.cancel()
+        if ops.filler is not None:  # (unmounted or stopped: the branch is made whole before
+            await ops.filler.drain()  # the daemon exits, which `pyunion umount` waits for)
 
     _tune_gc()
     clean = False
@@ -600,10 +608,15 @@ def umount_main(argv: list[str]) -> int:
     return 0
 
 
-def _wait_for_daemon(pid: int, timeout: float = 10) -> None:
-    """Wait for the daemon to finish its clean-up and exit (not if it is stopped)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def _wait_for_daemon(pid: int, notice_after: float = 5) -> None:
+    """Wait for the daemon to finish its clean-up and exit (not if it is stopped): it may
+    have metadata-only copies to fill (see unionfs.filler), however long that takes."""
+    notice = time.monotonic() + notice_after
+    while True:
+        if notice is not None and time.monotonic() > notice:
+            print(f"pyunion: waiting for the daemon (pid {pid}) to finish writing the copies "
+                  "it owes the writable branch", file=sys.stderr)
+            notice = None
         try:
             with open(f"/proc/{pid}/stat") as f:
                 state = f.read().rsplit(") ", 1)[1][0]

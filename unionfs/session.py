@@ -568,9 +568,14 @@ class Session:
 
     def _fallocate(self, unique, nodeid, length):
         _, offset, size, mode, _ = wire.FALLOCATE_IN.unpack_from(self._buf, BODY)
-        # (a copy-up here is done in place: rare)
-        syscalls.fallocate(self.ops.fd_for(nodeid, True), mode, offset, size)
-        self._send(unique)
+        node = self.ops._node(nodeid)
+        if self.union.needs_copy_up(node):
+            self._spawn(unique, wire.FALLOCATE, nodeid,
+                        self.ops.fallocate_copying(node, mode, offset, size),
+                        lambda unique, _: self._send(unique))
+        else:
+            syscalls.fallocate(self.ops.fd_for(nodeid, True), mode, offset, size)
+            self._send(unique)
 
     def _lseek(self, unique, nodeid, length):
         _, offset, whence, _ = wire.LSEEK_IN.unpack_from(self._buf, BODY)

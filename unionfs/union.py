@@ -314,8 +314,7 @@ class Union(MergedView):
             except BaseException:
                 job.abort()
                 raise
-            node.data_at = None
-            self._copied(node, node.branch)
+            self.filled(node)
             return None
         try:
             t = self.require_writable()
@@ -350,10 +349,17 @@ class Union(MergedView):
         else:
             node.data_at = None
         self._copied(node, t)
+        if job.origin is not None and self.after_metadata_only is not None:
+            self.after_metadata_only(node)
         if job.st.st_nlink > 1 and stat.S_ISREG(job.st.st_mode):
             self._index(t, pfd, node.name, node.key, new, job.st.st_nlink)
         self._link_aliases(node, t, pfd)
         return None
+
+    def filled(self, node: Node) -> None:
+        """NODE, a metadata-only copy, holds its data now."""
+        node.data_at = None
+        self._copied(node, node.branch)
 
     def _ensure_parent(self, t: int, node: Node) -> int | None:
         """The fd of NODE's directory in branch T, copied up if need be; None if that
