@@ -14,12 +14,14 @@ SLOWEST_PEER = "unionfs-fuse"
 
 
 def summarize(samples: dict, errors: dict, memory: dict, steps: list, systems: list[str],
-              cpu: dict | None = None) -> dict:
+              cpu: dict | None = None, exits: dict | None = None) -> dict:
     """Medians and ratios per step; a step's ratio is system median / fuse-overlayfs median.
 
-    `cpu` holds the FUSE daemons' CPU seconds per step, summarized as medians too.
+    `cpu` holds the FUSE daemons' CPU seconds per step, `exits` the seconds from their
+    unmount to their exit after steps that write; both summarized as medians too.
     """
     cpu = cpu or {}
+    exits = exits or {}
     result = {"steps": {}, "memory_kib": {}}
     for step in steps:
         medians = {
@@ -43,6 +45,8 @@ def summarize(samples: dict, errors: dict, memory: dict, steps: list, systems: l
             "errors": {name: errs for name, errs in errors.get(step.name, {}).items() if errs},
             "daemon_cpu": {name: statistics.median(v) for name, v in cpu.get(step.name, {}).items()
                            if v and name in systems},
+            "daemon_exit": {name: statistics.median(v) for name, v in exits.get(step.name, {}).items()
+                            if v and name in systems},
             "verdict": verdict,
         }
     for name, values in memory.items():
@@ -88,15 +92,16 @@ def format_table(summary: dict, systems: list[str]) -> str:
     return "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n"
 
 
-def format_cpu_table(summary: dict, systems: list[str]) -> str:
-    """A Markdown table of the FUSE daemons' median CPU seconds per workload ("" if none)."""
-    daemons = [s for s in systems if any(s in st.get("daemon_cpu", {}) for st in summary["steps"].values())]
+def format_cpu_table(summary: dict, systems: list[str], key: str = "daemon_cpu") -> str:
+    """A Markdown table of the FUSE daemons' median CPU seconds per workload ("" if none);
+    KEY "daemon_exit": their seconds from unmount to exit, for the workloads that have them."""
+    steps = {name: st.get(key, {}) for name, st in summary["steps"].items() if st.get(key)}
+    daemons = [s for s in systems if any(s in values for values in steps.values())]
     if not daemons:
         return ""
     rows = [["workload", *(SYSTEMS[s].label for s in daemons)], ["---"] * (len(daemons) + 1)]
-    for name, step in summary["steps"].items():
-        cpu = step.get("daemon_cpu", {})
-        rows.append([name, *(f"{cpu[s]:.2f}" if s in cpu else "-" for s in daemons)])
+    for name, values in steps.items():
+        rows.append([name, *(f"{values[s]:.2f}" if s in values else "-" for s in daemons)])
     return "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n"
 
 
@@ -221,6 +226,12 @@ def results_markdown(data: dict, systems: list[str], chart_name: str | None) -> 
     if cpu_table:
         lines += ["CPU seconds used by each FUSE daemon during the timed command (median; less "
                   "sensitive than wall time to other load on the machine):", "", cpu_table]
+    exit_table = format_cpu_table(summary, systems, "daemon_exit")
+    if exit_table:
+        lines += ["Seconds from the unmount to each FUSE daemon's exit after the workloads that "
+                  "write (median): work a daemon left for after the timed command, such as "
+                  "pyunion's filling of metadata-only copies (see unionfs/filler.py):", "",
+                  exit_table]
     errors = format_errors(summary)
     if errors:
         lines += ["Failed runs:", "", errors]

@@ -190,6 +190,7 @@ class Collector:
         self.samples = {s.name: {} for s in steps}
         self.errors = {s.name: {} for s in steps}
         self.cpu = {s.name: {} for s in steps}
+        self.exits = {s.name: {} for s in steps}  # FUSE daemons, after workloads that write
         self.memory = {}
         self.failures = []
         self.warnings = []
@@ -275,6 +276,9 @@ def run_scenario(scenario: Scenario, system: System, layers, scratch: Scratch,
         collector.samples[name].setdefault(system.name, []).append(elapsed)
     for name, seconds in cpu.items():
         collector.cpu[name].setdefault(system.name, []).append(seconds)
+    if scenario.writes and mounted.exit_seconds is not None:
+        for name in times:
+            collector.exits[name].setdefault(system.name, []).append(mounted.exit_seconds)
     return "  ".join(f"{name} {t:.3f}s" for name, t in times.items())
 
 
@@ -314,7 +318,7 @@ def run(args, command_line: str) -> dict:
             where = "a fresh ext4 filesystem made for this run (see bench/scratch.py)" \
                 if scratch.on_image else "a directory on the layers' filesystem (no loop device)"
     summary = report.summarize(collector.samples, collector.errors, collector.memory, steps,
-                               args.systems, collector.cpu)
+                               args.systems, collector.cpu, collector.exits)
     return {
         "command": command_line,
         "started": started,
@@ -341,6 +345,9 @@ def publish(args, data: dict) -> None:
     cpu_table = report.format_cpu_table(summary, args.systems)
     if cpu_table:
         print("\nFUSE daemon CPU seconds (median):\n" + cpu_table, end="")
+    exit_table = report.format_cpu_table(summary, args.systems, "daemon_exit")
+    if exit_table:
+        print("\nSeconds from unmount to FUSE daemon exit (median):\n" + exit_table, end="")
     errors = report.format_errors(summary)
     if errors:
         print("\nFailed runs:\n" + errors, end="")

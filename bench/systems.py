@@ -35,6 +35,8 @@ class Mounted:
     pid: int | None = None
     cleanups: list = field(default_factory=list)
     log: Path | None = None  # the daemon's stdout and stderr
+    # seconds from the unmount to the daemon's exit: work it left for after the workload
+    exit_seconds: float | None = None
 
     def cpu_seconds(self) -> float | None:
         """User + system CPU time the daemon (all its threads) has used so far."""
@@ -206,7 +208,7 @@ class _Fuse(_Layered):
         )
         log.close()
         mounted = Mounted(mnt, pid=proc.pid, cleanups=[lambda: scratch.retire(top)], log=log_path)
-        mounted.cleanups.append(lambda: self._stop(proc, mnt))
+        mounted.cleanups.append(lambda: self._stop(proc, mnt, mounted))
         deadline = time.monotonic() + MOUNT_TIMEOUT
         while not is_mounted(mnt):
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -224,8 +226,9 @@ class _Fuse(_Layered):
             time.sleep(0.005)
         return mounted
 
-    def _stop(self, proc: subprocess.Popen, mnt: Path) -> None:
+    def _stop(self, proc: subprocess.Popen, mnt: Path, mounted: Mounted) -> None:
         problem, slow = None, False
+        start = time.perf_counter()
         if proc.poll() is not None:
             problem = f"{self.label} daemon died during the run ({_exit_status(proc.returncode)})"
         if is_mounted(mnt):
@@ -234,6 +237,7 @@ class _Fuse(_Layered):
                 problem = f"{self.label} unmount failed: {(done.stderr.strip() or '?').splitlines()[-1]}"
         try:
             proc.wait(timeout=EXIT_TIMEOUT)
+            mounted.exit_seconds = time.perf_counter() - start
         except subprocess.TimeoutExpired:
             slow = problem is None
             problem = problem or f"{self.label} daemon still running {EXIT_TIMEOUT:.0f} s after unmount"

@@ -47,6 +47,8 @@ def test_tiny_run_times_every_workload_on_native_and_pyunion(out):
 
     data = json.loads((out / "results.json").read_text())
     steps = data["summary"]["steps"]
+    writing = {step.name for scenario in SCENARIOS if scenario.writes for step in scenario.steps
+               if step.timed}
     assert list(steps) == [s.name for s in timed_steps(SCENARIOS)]
     for name, step in steps.items():
         for system in ("native", "pyunion"):
@@ -58,6 +60,8 @@ def test_tiny_run_times_every_workload_on_native_and_pyunion(out):
         assert set(step["daemon_cpu"]) == variants
         assert len(step["samples"]["pyunion-metacopy"]) == (name == "chown_r")
         assert step["daemon_cpu"]["pyunion"] >= 0
+        # how long the daemon took to exit after the unmount, for the workloads that write
+        assert ("pyunion" in step["daemon_exit"]) == (name in writing), name
     assert data["summary"]["memory_kib"]["pyunion"] > 1024  # a Python daemon holds > 1 MiB
 
     table = done.stdout
