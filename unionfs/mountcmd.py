@@ -170,8 +170,9 @@ usage: pyunion mount [-o OPT[,OPT...]] [-f] [-d] BRANCHES MOUNTPOINT
   -f           stay in the foreground (log to stderr)
   -d           log every request
   -o OPTIONS   ro, allow_other, nodefault_permissions, timeout=SEC, entry_timeout=SEC,
-               attr_timeout=SEC, negative_timeout=SEC, writeback, volatile, metacopy, poll=USEC,
-               lowlatency, readdirplus=always|auto, opens, noextras, logfile=PATH, fsname=NAME,
+               attr_timeout=SEC, negative_timeout=SEC, writeback, volatile,
+               metacopy=fill|on|off (metacopy, nometacopy), poll=USEC, lowlatency,
+               readdirplus=always|auto, opens, noextras, logfile=PATH, fsname=NAME,
                workdir=DIR, and the kernel flags nodev, nosuid, noexec, noatime, sync, ...
                (README.md says what each one does)
 """,
