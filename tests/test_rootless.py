@@ -52,22 +52,32 @@ def test_unprivileged_user_mounts_and_writes(tmp_path, test_user):
     assert "INFO" in log.read_text() and "Traceback" not in log.read_text()
 
 
+def _users_union(base: Path, owner: tuple[int, int], files: dict[str, bytes]) -> Path:
+    """BASE with branches up and low and a mount point mnt, FILES in low, all OWNER's."""
+    for d in ("up", "low", "mnt"):
+        (base / d).mkdir(parents=True)
+    for name, data in files.items():
+        (base / "low" / name).write_bytes(data)
+    for p in [base, *base.rglob("*")]:
+        os.chown(p, *owner)
+    return base
+
+
+def _pyunion_as_user(base: Path):
+    """A function running the pyunion CLI (as whoever calls it), with BASE as its home."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(base)}
+    return lambda *a: subprocess.run([*PYUNION, *a], check=True, env=env, capture_output=True)
+
+
 def test_unprivileged_user_makes_metadata_only_copies(tmp_path, test_user):
     """-o metacopy as a user: the mark is a user.* xattr, which an unprivileged daemon may set."""
     uid, gid = test_user
-    base = tmp_path / "rootless-meta"
-    for d in ("up", "low", "mnt"):
-        (base / d).mkdir(parents=True)
     data = os.urandom(200_000)
-    (base / "low" / "kept").write_bytes(data)
-    (base / "low" / "filled").write_bytes(data)
-    for p in [base, *base.rglob("*")]:
-        os.chown(p, uid, gid)
+    base = _users_union(tmp_path / "rootless-meta", test_user, {"kept": data, "filled": data})
     log = base / "log"
 
     def session():
-        env = {"PATH": "/usr/bin:/bin", "HOME": str(base)}
-        run = lambda *a: subprocess.run([*PYUNION, *a], check=True, env=env, capture_output=True)  # noqa: E731
+        run = _pyunion_as_user(base)
         for again in (False, True):  # (the second mount finds the copies in the branch)
             run("mount", "-o", f"metacopy,logfile={log}", f"{base}/up:{base}/low", f"{base}/mnt")
             try:
@@ -97,20 +107,15 @@ def test_unprivileged_daemon_fills_copies_it_may_not_write(tmp_path, test_user):
     """The default fills metadata-only copies in the background; a daemon without root's
     powers fills read-only ones too (made writable while filled, their mode put back)."""
     uid, gid = test_user
-    base = tmp_path / "rootless-fill"
-    for d in ("up", "low", "mnt"):
-        (base / d).mkdir(parents=True)
     data = os.urandom(100_000)
-    for name in ("readonly", "renamed", "noaccess"):
-        (base / "low" / name).write_bytes(data)
+    names = ("readonly", "renamed", "noaccess")
+    base = _users_union(tmp_path / "rootless-fill", test_user, dict.fromkeys(names, data))
+    for name in names:
         os.chmod(base / "low" / name, 0o444)
-    for p in [base, *base.rglob("*")]:
-        os.chown(p, uid, gid)
     log = base / "log"
 
     def session():
-        env = {"PATH": "/usr/bin:/bin", "HOME": str(base)}
-        run = lambda *a: subprocess.run([*PYUNION, *a], check=True, env=env, capture_output=True)  # noqa: E731
+        run = _pyunion_as_user(base)
         run("mount", "-o", f"logfile={log}", f"{base}/up:{base}/low", f"{base}/mnt")
         try:
             os.utime(base / "mnt" / "readonly", ns=(1_000_000_000, 2_000_000_000))
