@@ -257,3 +257,16 @@ def test_changes_during_a_fill_wait_for_it(union):
     with open(p, "rb") as a, open(up, "rb") as b:
         while chunk := a.read(1 << 20):
             assert b.read(1 << 20) == chunk
+
+
+def test_copies_made_without_pause_are_filled_within_a_second(union):
+    files = _lower_files(union, 80)
+    union.mount()
+    start = time.monotonic()
+    for rel in files:  # one every 20 ms: never the pause the filler waits for
+        os.chmod(union / rel, 0o600)
+        time.sleep(0.02)
+    assert time.monotonic() - start > 1.5
+    left = marked(union["up"])
+    assert len(left) < len(files) / 2, left  # the first ones were filled meanwhile
+    assert wait_filled(union["up"]) == []

@@ -1,9 +1,9 @@
 """Filling metadata-only copies in the background (`-o metacopy=fill`, the default).
 
 A change of a lower file's metadata alone publishes a metadata-only copy at once (see
-metacopy); the filler gives such copies their data once such changes pause: in batches
-whose data is copied, then synced together (their syncs share a journal commit instead of
-one each), and only then unmarked. What waits when the mount ends is filled before the
+metacopy); the filler gives such copies their data once such changes pause, or a second
+later if they do not: in batches whose data is copied, then synced together (their syncs
+share a journal commit instead of one each), and only then unmarked. What waits when the mount ends is filled before the
 daemon exits (which `pyunion umount` waits for): the writable branch then holds whole
 files again. A batch holds each of its files' copy-up locks: a write to one of them
 waits for the batch instead of racing it. A copy still marked after a kill or crash reads
@@ -24,6 +24,7 @@ from unionfs.inodes import UNCHECKED, Key, Node
 log = logging.getLogger(__name__)
 
 QUIET = 0.05  # seconds without a new metadata-only copy before filling starts
+MAX_DELAY = 1.0  # seconds a copy waits at most while new ones keep coming
 BATCH = 256  # copies filled and synced together
 MAX_WAITING = 4096  # copies waiting (an fd each) before filling starts anyway (at most a
 # quarter of the fd limit)
@@ -63,11 +64,13 @@ class Filler:
         self._added.set()
 
     async def run(self) -> None:
-        """Fill copies as they come, once they pause (a task for the mount's lifetime)."""
+        """Fill copies as they come, once they pause, or a second after the first one if
+        they do not (a task for the mount's lifetime)."""
         while True:
             await self._added.wait()
+            deadline = time.monotonic() + MAX_DELAY
             while len(self._waiting) < self._max_waiting:
-                pause = self._last_added + QUIET - time.monotonic()
+                pause = min(self._last_added + QUIET, deadline) - time.monotonic()
                 if pause <= 0:
                     break
                 await trio.sleep(pause)
