@@ -104,7 +104,8 @@ class Filler:
                     busy.append((key, (fd, at)))
                     continue
                 lock.acquire_nowait()
-                taken.append((key, fd, self._prepare(fd, at), ino))
+                taken.append((key, fd, None, ino))  # (released below, whatever happens)
+                taken[-1] = (key, fd, self._prepare(fd, at), ino)
             jobs = [job for _, _, job, _ in taken if job is not None]
             if jobs:
                 with trio.CancelScope(shield=True):  # (a batch copied is a batch finished)
@@ -159,11 +160,10 @@ def _copy_and_sync(jobs: list[FillJob]) -> dict[int, OSError]:
     Errors by id(job)."""
     failed: dict[int, OSError] = {}
     for job in jobs:
-        job.skipped = not job.is_marked() or job.links == 0
-        if job.skipped:  # filled by a write meanwhile, or removed (nothing left to complete)
-            continue
         try:
-            job.copy()
+            job.skipped = not job.is_marked() or job.links == 0
+            if not job.skipped:  # (else filled by a write meanwhile, or removed: no name
+                job.copy()  # is left to complete)
         except OSError as e:
             failed[id(job)] = e
     for job in jobs:
