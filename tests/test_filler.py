@@ -270,3 +270,41 @@ def test_copies_made_without_pause_are_filled_within_a_second(union):
     left = marked(union["up"])
     assert len(left) < len(files) / 2, left  # the first ones were filled meanwhile
     assert wait_filled(union["up"]) == []
+
+
+def test_a_full_disk_leaves_the_copies_reading_their_lower_data(make_union):
+    """Fills that do not fit: each one that fails is emptied again and keeps its mark, so it
+    reads its lower file; the daemon says so, serves on and exits cleanly."""
+    u = make_union(("up", "rw"), ("low", "ro+wh"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", u["up"]], check=True)
+    try:
+        files = {f"f{i}": os.urandom(700_000) for i in range(4)}
+        for name, data in files.items():
+            (u["low"] / name).write_bytes(data)
+        before = tree(u["low"])
+        u.expected_log.append("cannot fill a metadata-only copy (No space left on device)")
+        u.mount()
+        for name in files:
+            os.chmod(u / name, 0o600)
+        deadline = time.monotonic() + 10
+        while "No space left" not in u.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for name, data in files.items():
+            assert (u / name).read_bytes() == data
+        u.umount()
+        left = marked(u["up"])
+        assert 1 <= len(left) < len(files)  # (two fit in 2 MiB)
+        for name, data in files.items():  # whole, or marked and empty: never half-filled
+            st = os.lstat(u["up"] / name)
+            if name in left:
+                assert st.st_blocks == 0, name
+            else:
+                assert (u["up"] / name).read_bytes() == data, name
+            assert stat.S_IMODE(st.st_mode) == 0o600
+        u.mount()
+        for name, data in files.items():
+            assert (u / name).read_bytes() == data
+        u.umount()
+        assert tree(u["low"]) == before
+    finally:
+        subprocess.run(["umount", "-l", u["up"]], capture_output=True)
