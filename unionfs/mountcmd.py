@@ -615,8 +615,8 @@ def _wait_for_daemon(pid: int, notice_after: float = 5) -> None:
     notice = time.monotonic() + notice_after
     while True:
         if notice is not None and time.monotonic() > notice:
-            print(f"pyunion: waiting for the daemon (pid {pid}) to finish writing the copies "
-                  "it owes the writable branch", file=sys.stderr)
+            print(f"pyunion: waiting for the daemon (pid {pid}) to finish filling copies in "
+                  "the writable branch (Ctrl-C leaves it to finish alone)", file=sys.stderr)
             notice = None
         try:
             with open(f"/proc/{pid}/stat") as f:
