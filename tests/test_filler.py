@@ -130,6 +130,7 @@ def test_metacopy_on_keeps_copies_left_by_a_kill(union):
     os.kill(union.daemon_pid(), signal.SIGKILL)
     force_unmount(union.mnt)
     left = marked(union["up"])
+    assert left  # (the kill came before the fills)
     union.mount("metacopy")
     for rel, data in files.items():
         assert (union / rel).read_bytes() == data
@@ -170,7 +171,8 @@ def test_writes_during_the_fills_are_kept(union):
 
 def test_fills_keep_times_modes_and_later_changes(union):
     """A fill writes the file: it puts back the times and set-id bits that writing changed,
-    and keeps a change made through the mount in the meantime."""
+    and keeps the times set through the mount before it (see also
+    test_changes_during_a_fill_wait_for_it)."""
     _lower_files(union, 0)
     for name, data in (("setuid", b"#!/bin/sh\n"), ("touched", b"some data")):
         p = union["low"] / name

@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 QUIET = 0.05  # seconds without a new metadata-only copy before filling starts
 MAX_DELAY = 1.0  # seconds a copy waits at most while new ones keep coming
 BATCH = 256  # copies filled and synced together
-MAX_WAITING = 4096  # copies waiting (an fd each) before filling starts anyway (at most a
-# quarter of the fd limit)
+# copies waiting (an fd each) before filling starts anyway; at most a quarter of the fd limit
+MAX_WAITING = 4096
 
 
 class Filler:
