@@ -202,7 +202,9 @@ class FillJob:
         self._src: int | None = None
         self._dst: int | None = None
         self.st: os.stat_result | None = None  # the copy before the fill
-        self.skipped = False  # found filled or removed before its fill (see unionfs.filler)
+        # in a batch (see unionfs.filler): found filled or removed before its fill; its failure
+        self.skipped = False
+        self.error: OSError | None = None
 
     @property
     def size(self) -> int:

@@ -109,10 +109,10 @@ class Filler:
             jobs = [job for _, _, job, _ in taken if job is not None]
             if jobs:
                 with trio.CancelScope(shield=True):  # (a batch copied is a batch finished)
-                    failed = await self._in_worker(partial(_copy_and_sync, jobs))
+                    await self._in_worker(partial(_copy_and_sync, jobs))
                 for key, _, job, _ in taken:
                     if job is not None:
-                        self._finish(key, job, failed.get(id(job)))
+                        self._finish(key, job)
         finally:
             for _, fd, job, ino in taken:
                 if job is not None:
@@ -136,13 +136,13 @@ class Filler:
             return None
         return job
 
-    def _finish(self, key: Key, job: FillJob, error: OSError | None) -> None:
+    def _finish(self, key: Key, job: FillJob) -> None:
         """Unmark a filled and synced copy (the node, if any, reads its own file from now on)."""
         if job.skipped:
             return
         try:
-            if error is not None:
-                raise error
+            if job.error is not None:
+                raise job.error
             job.finish()
         except OSError as e:
             job.abort()
@@ -154,22 +154,20 @@ class Filler:
             self.union.filled(node)
 
 
-def _copy_and_sync(jobs: list[FillJob]) -> dict[int, OSError]:
+def _copy_and_sync(jobs: list[FillJob]) -> None:
     """In a worker thread: copy the data of each copy still marked and named, then sync them
-    all (their write-out began as they were copied, so the syncs mostly wait together).
-    Errors by id(job)."""
-    failed: dict[int, OSError] = {}
+    all (their write-out began as they were copied, so the syncs mostly wait together). A
+    job's failure is kept as its `error`."""
     for job in jobs:
         try:
             job.skipped = not job.is_marked() or job.links == 0
             if not job.skipped:  # (else filled by a write meanwhile, or removed: no name
                 job.copy()  # is left to complete)
         except OSError as e:
-            failed[id(job)] = e
+            job.error = e
     for job in jobs:
-        if not job.skipped and id(job) not in failed:
+        if not job.skipped and job.error is None:
             try:
                 job.flush()
             except OSError as e:
-                failed[id(job)] = e
-    return failed
+                job.error = e
