@@ -9,6 +9,7 @@ mtimes), so the same tree always gives the same DiffID.
 
 import errno
 import hashlib
+import io
 import os
 import stat
 import tarfile
@@ -408,18 +409,52 @@ def _xattr_headers(path: str) -> dict[str, str]:
     return headers
 
 
-def _open_data(entry: TreeEntry, size: int) -> int:
-    """Open the lower file holding a metadata-only copy's data, never through a symlink."""
+def _open_data(entry: TreeEntry, size: int):
+    """The data of a metadata-only copy, SIZE bytes, as a binary file: its lower file's, never
+    opened through a symlink, followed by what the copy holds past its end (its tail)."""
     layer, path = entry.data
     root = os.open(layer, O_PATH_DIR)
     try:
         fd = open_beneath(root, path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     finally:
         os.close(root)
-    if os.fstat(fd).st_size != size:
+    held = os.fstat(fd).st_size
+    if held > size:
         os.close(fd)
         raise LayerError(f"{entry.source}: its data in layer {layer} changed size")
-    return fd
+    data = os.fdopen(fd, "rb")
+    if held == size:
+        return data
+    try:
+        own = os.fdopen(os.open(entry.source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb")
+    except BaseException:
+        data.close()
+        raise
+    own.seek(held)
+    return io.BufferedReader(_Joined(data, own, held))  # (reads whole blocks, as tar wants)
+
+
+class _Joined(io.RawIOBase):
+    """Reads FIRST up to offset AT, then SECOND from there (a copy's lower data and tail)."""
+
+    def __init__(self, first, second, at: int):
+        self.first, self.second, self.left = first, second, at
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        if self.left > 0:
+            n = self.first.readinto(memoryview(buf)[:min(len(buf), self.left)])
+            self.left -= n
+            if n:
+                return n
+        return self.second.readinto(buf)
+
+    def close(self) -> None:
+        self.first.close()
+        self.second.close()
+        super().close()
 
 
 def write_layer_tar(
@@ -446,9 +481,10 @@ def write_layer_tar(
             if info.isreg() and info.size:
                 if entry.data is None:
                     fd = os.open(entry.source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    data = os.fdopen(fd, "rb")
                 else:
-                    fd = _open_data(entry, info.size)
-                with os.fdopen(fd, "rb") as f:
+                    data = _open_data(entry, info.size)
+                with data as f:
                     tar.addfile(info, f)
             else:
                 tar.addfile(info)
