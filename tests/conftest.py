@@ -78,11 +78,12 @@ def wait_filled(root, timeout: float = 10.0) -> list[str]:
     return left
 
 
-def kill_while_appending(union, rel, meanwhile) -> None:
-    """Append to REL through the mount; once MEANWHILE() returns, SIGKILL the daemon, then
-    detach the dead mount."""
+def kill_while_writing(union, rel, meanwhile) -> None:
+    """Write to the start of REL through the mount (a write that needs the file's data,
+    unlike an append: see unionfs.metacopy); once MEANWHILE() returns, SIGKILL the daemon,
+    then detach the dead mount."""
     pid = union.daemon_pid()
-    writer = subprocess.Popen([sys.executable, "-c", f"open({str(union / rel)!r}, 'ab').write(b'NEW')"],
+    writer = subprocess.Popen([sys.executable, "-c", f"open({str(union / rel)!r}, 'r+b').write(b'NEW')"],
                               stderr=subprocess.DEVNULL)
     try:
         meanwhile()

@@ -5,7 +5,7 @@ import subprocess
 import sys
 import time
 
-from conftest import is_mounted, kill_while_appending, work_leftovers
+from conftest import is_mounted, kill_while_writing, wait_filled, work_leftovers
 
 SIZE = 1 << 30
 
@@ -44,7 +44,7 @@ def test_kill_during_large_copy_up_leaves_old_content(union):
         assert sorted(os.listdir(union.mnt)) == ["big", "other"]
         assert 0 < os.lstat(tmp).st_size < SIZE, "the copy-up finished before the other requests"
 
-    kill_while_appending(union, "big", meanwhile)
+    kill_while_writing(union, "big", meanwhile)
     assert not is_mounted(union.mnt)
     assert not (union["up"] / "big").exists(), "a half-made copy was published"
     union.mount()  # a new daemon cleans the work area
@@ -70,7 +70,7 @@ def test_full_disk_during_copy_up_publishes_nothing(make_union, tmp_path):
         (u["low"] / "small").write_text("fits")
         u.mount()
         with pytest.raises(OSError) as e:
-            with open(u / "big", "ab") as f:
+            with open(u / "big", "r+b") as f:  # (an append would copy no data)
                 f.write(b"x")
         assert e.value.errno == errno.ENOSPC
         assert (u / "big").read_bytes() == data  # still the lower file, whole
@@ -78,7 +78,8 @@ def test_full_disk_during_copy_up_publishes_nothing(make_union, tmp_path):
         assert work_leftovers(u["up"] / ".wh..wh.pyunion") == []  # the partial copy was removed
         with open(u / "small", "a") as f:  # the mount still works
             f.write("+")
-        assert (u["up"] / "small").read_text() == "fits+"
+        assert (u / "small").read_text() == "fits+"
+        assert wait_filled(u["up"]) == [] and (u["up"] / "small").read_text() == "fits+"
         u.umount()
     finally:
         subprocess.run(["umount", "-l", u["up"]], capture_output=True)
@@ -89,7 +90,7 @@ def test_removal_during_a_copy_up_wins(union):
     """Removing a file while its copy-up runs: the file ends removed, with no copy left."""
     _write_big(union["low"] / "big")
     union.mount()
-    writer = subprocess.Popen([sys.executable, "-c", f"open({str(union / 'big')!r}, 'ab').write(b'NEW')"],
+    writer = subprocess.Popen([sys.executable, "-c", f"open({str(union / 'big')!r}, 'r+b').write(b'NEW')"],
                               stderr=subprocess.DEVNULL)
     try:
         _wait_for_partial_copy(union["up"] / ".wh..wh.pyunion")

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import PYUNION, force_unmount, is_mounted, pyunion
+from conftest import PYUNION, force_unmount, is_mounted, pyunion, wait_filled
 
 
 @pytest.fixture
@@ -345,6 +345,6 @@ def test_low_latency_holds_its_request_only_while_requests_flow(union):
     while time.monotonic() < deadline and _cpu_latency_allowed() != idle:
         time.sleep(0.01)
     assert _cpu_latency_allowed() == idle, "the request outlived the burst"
-    assert (union["up"] / "f").read_text() == "lower+"
+    assert wait_filled(union["up"]) == [] and (union["up"] / "f").read_text() == "lower+"
     assert (union["low"] / "f").read_text() == "lower"
     union.umount()

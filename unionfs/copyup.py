@@ -132,8 +132,14 @@ class CopyJob:
     def copy_data(self) -> None:
         """The long part for big files; safe to run in a worker thread."""
         if self._dst is not None and self.origin is None:
-            src = self._src if self._data is None else self._data
-            syscalls.copy_data(src, self._dst, self.size, writeback=self.sync)
+            if self._data is None:
+                syscalls.copy_data(self._src, self._dst, self.size, writeback=self.sync)
+            else:  # from the data's file; the bytes past its end are the entry's own (its tail)
+                held = min(os.fstat(self._data).st_size, self.size)
+                syscalls.copy_data(self._data, self._dst, held, writeback=self.sync)
+                if self.size > held:
+                    syscalls.copy_data(self._src, self._dst, self.size, writeback=self.sync,
+                                       start=held)
             if self.sync and self.size > 0:  # (no data: nothing can be half-written)
                 os.fdatasync(self._dst)
 
@@ -202,14 +208,30 @@ class FillJob:
         self._src: int | None = None
         self._dst: int | None = None
         self.st: os.stat_result | None = None  # the copy before the fill
+        self.held = 0  # how much data the lower file holds (the copy holds the rest: its tail)
         # in a batch (see unionfs.filler): found filled or removed before its fill; its failure
         self.skipped = False
         self.error: OSError | None = None
 
     @property
+    def tail(self) -> bool:
+        """Whether the copy holds bytes past the end of the lower file's data (see metacopy)."""
+        return self.st.st_size > self.held
+
+    @property
+    def cut(self) -> int | None:
+        """The size the fill truncates the copy to, as a copy-up does: the change's, which
+        truncates the file anyway; but not into a tail, which stays whole until the change
+        comes after the fill (a failed fill must not lose it), unless nothing is kept."""
+        if self.limit is None or self.limit >= self.st.st_size or self.tail and self.limit > 0:
+            return None
+        return self.limit
+
+    @property
     def size(self) -> int:
-        size = self.st.st_size
-        return size if self.limit is None else min(self.limit, size)
+        """How many bytes the fill copies."""
+        size = min(self.st.st_size, self.held)
+        return size if self.cut is None else min(self.cut, size)
 
     def prepare(self) -> None:
         data_dirfd, data_name, dirfd, name = self._where
@@ -232,6 +254,7 @@ class FillJob:
                 os.close(held)
         self.st = st
         self._src = os.open(data_name, os.O_RDONLY | flags, dir_fd=data_dirfd)
+        self.held = os.fstat(self._src).st_size
 
     def copy_data(self) -> None:
         self.copy()
@@ -239,7 +262,9 @@ class FillJob:
 
     def copy(self) -> None:
         """Copy the data, not synced yet (the slow part: safe in a worker thread)."""
-        syscalls.copy_data(self._src, self._dst, self.size, writeback=self.sync)
+        syscalls.copy_data(self._src, self._dst, self.size, writeback=self.sync, resize=False)
+        if self.cut is not None:
+            os.ftruncate(self._dst, self.cut)
 
     def flush(self) -> None:
         if self.sync and self.size > 0:
@@ -276,7 +301,11 @@ class FillJob:
     def abort(self) -> None:
         if self._dst is not None and self.st is not None:
             try:  # (drop what was filled: the mark still says the lower file has the data)
-                os.ftruncate(self._dst, 0)
+                if self.tail:  # (which stays)
+                    syscalls.fallocate(self._dst, syscalls.FALLOC_FL_PUNCH_HOLE
+                                       | syscalls.FALLOC_FL_KEEP_SIZE, 0, self.held)
+                else:
+                    os.ftruncate(self._dst, 0)
                 os.ftruncate(self._dst, self.st.st_size)
                 os.utime(self._dst, ns=(self.st.st_atime_ns, self.st.st_mtime_ns))
                 self._put_back_mode()

@@ -4,7 +4,8 @@ Opening per file rather than per open lets the kernel skip OPEN requests altoget
 session), and makes every reader see a file's current data, even after a copy-up. Fds are
 kept least recently used first, up to a bound; a file removed while the kernel may still
 read it keeps its fd pinned until the kernel forgets it. A metadata-only copy (see
-metacopy) is read through an fd of its lower file; pinned, it keeps both files open.
+metacopy) is read through an fd of its lower file, and its own file where it has a tail;
+pinned, it keeps both files open.
 """
 
 import errno
@@ -22,6 +23,7 @@ class DataFds:
         self._fds: OrderedDict[int, tuple[int, bool]] = OrderedDict()  # ino -> (fd, writable)
         self._pinned: dict[int, tuple[int, bool]] = {}
         self._pinned_data: dict[int, int] = {}  # pinned metadata-only copies: their lower file
+        self._own: dict[int, int] = {}  # metadata-only copies' own files (see own)
 
     def get(self, node: Node, write: bool) -> int:
         """An fd of NODE's data, writable if WRITE (the caller has copied it up first)."""
@@ -66,12 +68,25 @@ class DataFds:
         entry = self._fds.get(node.ino)
         return None if entry is None or node.data_at is not None else entry[0]
 
+    def own(self, node: Node) -> int:
+        """The own file of NODE, a metadata-only copy: where the bytes past its lower data
+        are (its tail, see metacopy); writable where its branch is."""
+        if node.ino in self._pinned_data:
+            return self._pinned[node.ino][0]
+        fd = self._own.get(node.ino)
+        if fd is None:
+            writable = self.union.branches[node.branch].writable
+            fd = self.union.open_own(node, os.O_RDWR if writable else os.O_RDONLY)
+            self._own[node.ino] = fd
+        return fd
+
     def writable(self, node: Node) -> int | None:
         for table in (self._pinned, self._fds):
             entry = table.get(node.ino)
             if entry is not None and entry[1]:
                 return entry[0]
-        return None
+        fd = self._own.get(node.ino)  # (a tail written: see own)
+        return fd if fd is not None and self.union.branches[node.branch].writable else None
 
     def pin(self, node: Node) -> None:
         """Keep NODE's data reachable: its name is about to go, but the kernel may still read
@@ -136,6 +151,9 @@ class DataFds:
         data = self._pinned_data.pop(node.ino, None)
         if data is not None:
             os.close(data)
+        own = self._own.pop(node.ino, None)
+        if own is not None:
+            os.close(own)
 
     def drop(self, node: Node) -> None:
         """Close NODE's fds: the kernel forgot it."""
@@ -148,5 +166,6 @@ class DataFds:
         for table in (self._fds, self._pinned):
             while table:
                 os.close(table.popitem()[1][0])
-        while self._pinned_data:
-            os.close(self._pinned_data.popitem()[1])
+        for fds in (self._pinned_data, self._own):
+            while fds:
+                os.close(fds.popitem()[1])

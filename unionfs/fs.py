@@ -239,10 +239,53 @@ class UnionOperations(pyfuse3.Operations):
         return node, self.union.stat(node)
 
     def do_read(self, fh: int, off: int, size: int) -> bytes:
-        fd = self.data.get(self._node(fh), False)
+        node = self._node(fh)
+        fd = self.data.get(node, False)
+        at = node.data_at
+        if at is not None and at[0] >= 0:
+            return self._read_metadata_only(node, fd, off, size)
         if size > SMALL_READ:  # pread allocates all it is asked for: no more than the file holds
             size = min(size, max(os.fstat(fd).st_size - off, 0))
         return os.pread(fd, size, off)
+
+    def _read_metadata_only(self, node: Node, fd: int, off: int, size: int) -> bytes:
+        """Read NODE, a metadata-only copy: the data of its lower file (open as FD), then the
+        bytes its own file holds past that (its tail, see metacopy)."""
+        held = os.fstat(fd).st_size
+        end = off + size
+        if end > held:
+            own = self.data.own(node)
+            end = min(end, os.fstat(own).st_size)
+            if end > held:
+                head = os.pread(fd, held - off, off) if off < held else b""
+                if len(head) < held - off:  # (the lower file shrank meanwhile)
+                    return head
+                start = max(off, held)
+                return head + os.pread(own, end - start, start)
+        return os.pread(fd, max(min(end, held) - off, 0), off)
+
+    def do_lseek(self, ino: int, off: int, whence: int) -> int:
+        """SEEK_DATA or SEEK_HOLE in file INO."""
+        node = self._node(ino)
+        fd = self.data.get(node, False)
+        at = node.data_at
+        if at is None or at[0] < 0:
+            return os.lseek(fd, off, whence)
+        held = os.fstat(fd).st_size  # a metadata-only copy: is there a tail past that?
+        own = self.data.own(node)
+        if os.fstat(own).st_size <= held:
+            return os.lseek(fd, off, whence)
+        if off >= held:
+            return os.lseek(own, off, whence)
+        try:
+            pos = os.lseek(fd, off, whence)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            return os.lseek(own, held, whence)  # (no data left below: the tail's, if any)
+        if whence == os.SEEK_HOLE and pos >= held:  # (the lower file's end: the tail goes on)
+            return os.lseek(own, held, whence)
+        return pos
 
     def absent_xattr_errno(self, name: bytes) -> int:
         """The error for a query of attribute NAME that the file does not have: ENODATA, but
@@ -462,7 +505,9 @@ class UnionOperations(pyfuse3.Operations):
     @_handler
     async def write(self, fh, off, buf):
         node = self._node(fh)
-        count = await self.write_copying(node, off, buf)
+        count = self.write_past_data(node, off, buf)
+        if count is None:
+            count = await self.write_copying(node, off, buf)
         # libfuse asks for HANDLE_KILLPRIV on pyfuse3's behalf: set-id bits are ours to drop
         self.kill_suidgid(node)
         return count
@@ -471,6 +516,24 @@ class UnionOperations(pyfuse3.Operations):
         """Write to NODE, copying it up first if due."""
         await self._copy_up(node)
         return self.do_write(node, off, buf)
+
+    def write_past_data(self, node: Node, off: int, buf) -> int | None:
+        """Write BUF at OFF to NODE, a file due for a copy-up, without copying its data, if OFF
+        is at or past the end of that data (an append): the write goes into a metadata-only
+        copy, whose lower file keeps supplying the data before it (its tail, see metacopy; a
+        lower file gets such a copy at once, where the union makes them); None if the write
+        must wait for the data (see write_copying)."""
+        if node.ino in self._copy_locks or node.is_dir:
+            return None
+        if off < os.fstat(self.data.get(node, False)).st_size:
+            return None
+        if not self.copy_up_at_once(node, meta=True):
+            return None
+        if not self.union.needs_copy_up(node):  # (a copy that holds its data: an empty file)
+            return self.do_write(node, off, buf)
+        count = os.pwrite(self.data.own(node), buf, off)
+        node.unsynced += count
+        return count
 
     async def flush(self, fh):
         # Nothing to do on close(): answering ENOSYS makes the kernel stop sending FLUSH,
@@ -529,8 +592,8 @@ class UnionOperations(pyfuse3.Operations):
         pass
 
     def fd_for(self, ino: int, write: bool) -> int:
-        """The data fd of inode INO, for the session's lseek and fallocate (a file to write
-        to was copied up first: see fallocate_copying)."""
+        """The data fd of inode INO, for the session's fallocate (a file to write to was
+        copied up first: see fallocate_copying)."""
         return self.data.get(self._node(ino), write)
 
     async def fallocate_copying(self, node: Node, mode: int, offset: int, size: int) -> None:

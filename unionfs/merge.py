@@ -360,7 +360,11 @@ class MergedView:
             data = syscalls.lstat_at(dfd, name)
         except OSError:
             data = None
-        return st if data is None else syscalls.with_blocks(st, data.st_blocks)
+        if data is None:
+            return st
+        # (a copy with a tail holds blocks of its own too: see metacopy)
+        return syscalls.with_blocks(st, data.st_blocks + (st.st_blocks if st.st_size > data.st_size
+                                                          else 0))
 
     def _stat_alias(self, node: Node) -> os.stat_result:
         """The primary name of a hard-linked file is gone: continue under another one."""

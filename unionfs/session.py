@@ -531,6 +531,10 @@ class Session:
             self._send(unique, wire.WRITE_OUT.pack(count, 0))
 
         if self.union.needs_copy_up(node):
+            count = self.ops.write_past_data(node, offset, self._view[start:start + size])
+            if count is not None:  # (an append: no data to copy first)
+                answer(unique, count)
+                return
             data = bytes(self._view[start:start + size])  # the buffer is reused meanwhile
             self._spawn(unique, wire.WRITE, nodeid, self.ops.write_copying(node, offset, data),
                         answer)
@@ -579,7 +583,7 @@ class Session:
 
     def _lseek(self, unique, nodeid, length):
         _, offset, whence, _ = wire.LSEEK_IN.unpack_from(self._buf, BODY)
-        pos = os.lseek(self.ops.fd_for(nodeid, False), offset, whence)
+        pos = self.ops.do_lseek(nodeid, offset, whence)
         self._send(unique, wire.LSEEK_OUT.pack(pos))
 
     def _statfs(self, unique, nodeid, length):

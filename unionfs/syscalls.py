@@ -131,19 +131,24 @@ def start_writeback(fd: int, off: int, count: int) -> None:
     _libc.sync_file_range(fd, off, count, SYNC_FILE_RANGE_WRITE)  # advice: errors do not matter
 
 
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+
 def fallocate(fd: int, mode: int, off: int, count: int) -> None:
     if _libc.fallocate(fd, mode, off, count) != 0:
         err = ctypes.get_errno() or errno.EIO
         raise OSError(err, os.strerror(err))
 
 
-def copy_data(src: int, dst: int, size: int, writeback: bool = False) -> None:
-    """Copy SIZE bytes from fd SRC to fd DST at the same offsets, keeping holes.
+def copy_data(src: int, dst: int, size: int, writeback: bool = False, start: int = 0,
+              resize: bool = True) -> None:
+    """Copy the bytes from START to SIZE of fd SRC to fd DST at the same offsets, keeping
+    holes; RESIZE: then make DST SIZE bytes long (else DST is that long already, or longer).
 
     WRITEBACK: the copy will be fsynced; start writing it out chunk by chunk meanwhile, so
     the disk works while the copy goes on (a third less time for a big file).
     """
-    off = 0
+    off = start
     while off < size:
         try:
             data = os.lseek(src, off, os.SEEK_DATA)
@@ -161,13 +166,15 @@ def copy_data(src: int, dst: int, size: int, writeback: bool = False) -> None:
         while data < end:
             step = min(end - data, WRITEBACK_CHUNK) if writeback else end - data
             if _copy_range(src, dst, data, step):  # the source shrank under us
-                os.ftruncate(dst, size)
+                if resize:
+                    os.ftruncate(dst, size)
                 return
             if writeback:
                 start_writeback(dst, data, step)
             data += step
         off = hole
-    os.ftruncate(dst, size)
+    if resize:
+        os.ftruncate(dst, size)
 
 
 _have_copy_file_range = hasattr(os, "copy_file_range")

@@ -247,7 +247,8 @@ class Union(MergedView):
             raise oserror(errno.EEXIST, node.path)  # (copied up meanwhile)
         # (another file there: its name was taken while the kernel held it, and the copy
         # stays nameless, see finish_copy_up)
-        origin = node.path if self._metadata_only(st, limit, meta) else None
+        origin = node.path if self._metadata_only(st, limit, meta) \
+            and not self._has_tail(node, st) else None
         job = CopyJob(src, node.name, st, self.branches[t].work_fd, limit, self.sync, origin)
         try:
             job.prepare()
@@ -285,7 +286,17 @@ class Union(MergedView):
             return False
         if not stat.S_ISREG(st.st_mode) or st.st_size == 0 or limit == 0:
             return True
-        return self._metadata_only(st, limit, meta) and self._shows(node, st)
+        return self._metadata_only(st, limit, meta) and self._shows(node, st) \
+            and not self._has_tail(node, st)
+
+    def _has_tail(self, node: Node, st: os.stat_result) -> bool:
+        """Whether lower file NODE, of attributes ST, is a metadata-only copy holding bytes past
+        its lower data (see metacopy: no metadata-only copy may be made of it)."""
+        at = self.data_of(node)
+        if at is None or at[0] < 0:
+            return False
+        data = syscalls.lstat_at(*self.data_location(at))
+        return data is not None and st.st_size > data.st_size
 
     def _prepare_fill(self, node: Node, limit: int | None) -> FillJob:
         own = self.own_file(node) if self.own_file is not None else None

@@ -1,0 +1,250 @@
+"""Appends to lower files copy no data first: the write goes into a metadata-only copy, whose
+lower file keeps supplying the data before it, and which holds the bytes past that end
+itself, its tail (see unionfs.metacopy). With the default the copy is filled soon after."""
+
+import errno
+import os
+import stat
+import subprocess
+import time
+
+import pytest
+
+from conftest import marked, tree, wait_filled
+from unionfs.metacopy import MARKER
+
+BIG = 3 << 20  # a copy-up of this copies in a worker thread (see unionfs.fs.THREAD_COPY_BYTES)
+
+
+def _lower(root, rel, data, mode=0o644):
+    p = root / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+    os.chmod(p, mode)
+    os.utime(p, ns=(1_000_000_000, 2_000_000_000))
+    return data
+
+
+def _origin(path) -> bytes | None:
+    try:
+        return os.getxattr(path, MARKER, follow_symlinks=False)
+    except OSError as e:
+        assert e.errno == errno.ENODATA
+        return None
+
+
+def _append(path, data, at=None):
+    """Append DATA to PATH (O_APPEND), or write it at offset AT."""
+    if at is None:
+        with open(path, "ab") as f:
+            f.write(data)
+    else:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            assert os.pwrite(fd, data, at) == len(data)
+        finally:
+            os.close(fd)
+
+
+def _lower_files(union):
+    return {"d/big": _lower(union["low"], "d/big", os.urandom(BIG)),
+            "small": _lower(union["low"], "small", b"small\n", 0o4755)}
+
+
+def _appended(union, lower):
+    """Append to the lower files through the mount; what each then reads."""
+    big, small = lower["d/big"], lower["small"]
+    _append(union / "d/big", b"appended")
+    _append(union / "small", b"past a hole", at=10_000)
+    return {"d/big": big + b"appended", "small": small + bytes(10_000 - 6) + b"past a hole"}
+
+
+@pytest.mark.parametrize("mode", ["fill", "metacopy"])
+def test_an_append_copies_no_data(union, mode):
+    """The branch gets a marked copy holding only what was appended, the mount shows the
+    whole file at once; `fill` (the default) gives it its data soon after."""
+    lower = _lower_files(union)
+    before = tree(union["low"])
+    union.mount(*(["metacopy"] if mode == "metacopy" else []))
+    want = _appended(union, lower)
+    for rel, data in want.items():
+        assert (union / rel).read_bytes() == data, rel
+        assert os.stat(union / rel).st_size == len(data)
+    assert stat.S_IMODE(os.stat(union / "small").st_mode) == 0o4755  # (root wrote it: kept)
+    up = union["up"]
+    if mode == "metacopy":  # (filled only by a write of data below the tail)
+        assert _origin(up / "d/big") == b"d/big" and _origin(up / "small") == b"small"
+        assert os.lstat(up / "d/big").st_blocks * 512 < BIG // 2  # the tail's blocks alone
+        assert (up / "d/big").read_bytes()[-8:] == b"appended"
+        assert (up / "d/big").read_bytes()[:BIG] == bytes(BIG)
+        union.remount()  # found again from the branch alone
+        for rel, data in want.items():
+            assert (union / rel).read_bytes() == data, rel
+        union.umount()
+        assert marked(up) == ["d/big", "small"]
+        union.mount()  # a mount that fills fills them as it meets them
+        for rel, data in want.items():
+            assert (union / rel).read_bytes() == data, rel
+    assert wait_filled(up) == []
+    for rel, data in want.items():
+        assert (up / rel).read_bytes() == data, rel
+        assert (union / rel).read_bytes() == data, rel
+    assert os.lstat(up / "d/big").st_blocks * 512 >= BIG
+    union.remount()
+    for rel, data in want.items():
+        assert (union / rel).read_bytes() == data, rel
+    assert tree(union["low"]) == before
+
+
+def test_reads_and_seeks_across_the_end_of_the_lower_data(union):
+    """Reads that span the lower file's end and the tail, SEEK_DATA and SEEK_HOLE."""
+    lower = os.urandom(10_000)
+    _lower(union["low"], "f", lower)
+    union.mount("metacopy")
+    _append(union / "f", b"T" * 5_000, at=20_000)  # a hole from 10,000 to 20,000
+    want = lower + bytes(10_000) + b"T" * 5_000
+    assert _origin(union["up"] / "f") == b"f"
+    fd = os.open(union / "f", os.O_RDONLY)
+    try:
+        for off, size in ((0, 25_000), (9_990, 30), (9_999, 2), (10_000, 10), (19_990, 100),
+                          (24_990, 100), (25_000, 10), (5_000, 100_000)):
+            assert os.pread(fd, size, off) == want[off:off + size], (off, size)
+        assert os.lseek(fd, 0, os.SEEK_DATA) == 0
+        hole = os.lseek(fd, 0, os.SEEK_HOLE)
+        assert 10_000 <= hole <= 20_000 and want[hole:20_000] == bytes(20_000 - hole)
+        data = os.lseek(fd, 10_001, os.SEEK_DATA)
+        assert 10_001 <= data <= 20_000 and want[10_001:data] == bytes(data - 10_001)
+        assert os.lseek(fd, 24_999, os.SEEK_DATA) == 24_999
+        assert os.lseek(fd, 24_999, os.SEEK_HOLE) == 25_000
+        with pytest.raises(OSError) as e:
+            os.lseek(fd, 25_000, os.SEEK_DATA)
+        assert e.value.errno == errno.ENXIO
+    finally:
+        os.close(fd)
+    assert (union["low"] / "f").read_bytes() == lower
+
+
+@pytest.mark.parametrize("how", ["overwrite", "truncate_in_tail", "truncate_below", "grow",
+                                 "fallocate", "trunc_open"])
+def test_a_change_below_the_tail_fills_the_copy_and_keeps_the_tail(union, how):
+    lower = os.urandom(BIG)
+    _lower(union["low"], "f", lower)
+    before = tree(union["low"])
+    union.mount("metacopy")
+    _append(union / "f", b"tail")
+    ino = os.lstat(union["up"] / "f").st_ino
+    whole = lower + b"tail"
+    if how == "overwrite":
+        with open(union / "f", "r+b") as f:
+            f.seek(100)
+            f.write(b"XYZ")
+        want = whole[:100] + b"XYZ" + whole[103:]
+    elif how == "truncate_in_tail":
+        os.truncate(union / "f", BIG + 2)
+        want = whole[:BIG + 2]
+    elif how == "truncate_below":
+        os.truncate(union / "f", 1000)
+        want = lower[:1000]
+    elif how == "grow":
+        os.truncate(union / "f", BIG + 100)
+        want = whole + bytes(96)
+    elif how == "fallocate":
+        fd = os.open(union / "f", os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, BIG + 8192)
+        finally:
+            os.close(fd)
+        want = whole + bytes(8188)
+    else:
+        with open(union / "f", "wb") as f:
+            f.write(b"new")
+        want = b"new"
+    assert (union / "f").read_bytes() == want
+    path = union["up"] / "f"
+    if how != "grow" or _origin(path) is None:  # (a size change past the data may need none)
+        assert _origin(path) is None and path.read_bytes() == want
+        assert os.lstat(path).st_ino == ino  # filled in place
+    union.remount()
+    assert (union / "f").read_bytes() == want
+    assert tree(union["low"]) == before
+
+
+def test_a_copy_with_a_tail_as_a_lower_branch(make_union):
+    """A writable branch left with such copies (a kill, or `-o metacopy`), used as a lower
+    branch of another union: its files read whole; a copy-up of one, for data or for
+    metadata, gets whole data (no metadata-only copy leads to a copy with a tail)."""
+    low = {}
+    first = make_union(("mid", "rw"), ("low", "ro+wh"), name="first")
+    for rel in ("read", "chowned", "written", "appended"):
+        low[rel] = _lower(first["low"], rel, os.urandom(50_000))
+    first.mount("metacopy")
+    for rel in low:
+        _append(first / rel, b"+tail")
+    first.umount()
+    assert marked(first["mid"]) == sorted(low)
+    before = tree(first["low"]), tree(first["mid"])
+
+    u = make_union(("top", "rw"), ("mid", "ro+wh"), ("low", "ro+wh"), name="second")
+    os.rmdir(u["mid"])
+    os.rmdir(u["low"])
+    os.symlink(first["mid"], u["mid"])
+    os.symlink(first["low"], u["low"])
+    u.mount("metacopy")
+    want = {rel: data + b"+tail" for rel, data in low.items()}
+    for rel, data in want.items():
+        assert (u / rel).read_bytes() == data, rel
+    os.chown(u / "chowned", 5, 5)
+    with open(u / "written", "r+b") as f:
+        f.write(b"W")
+    want["written"] = b"W" + want["written"][1:]
+    _append(u / "appended", b"!")
+    want["appended"] += b"!"
+    for rel in ("chowned", "written", "appended"):
+        assert _origin(u["top"] / rel) is None, rel  # whole copies
+        assert (u["top"] / rel).read_bytes() == want[rel], rel
+    assert not (u["top"] / "read").exists()
+    u.remount()
+    for rel, data in want.items():
+        assert (u / rel).read_bytes() == data, rel
+    assert os.stat(u / "chowned").st_uid == 5
+    u.umount()
+    assert (tree(first["low"]), tree(first["mid"])) == before
+
+
+def test_an_append_in_a_mount_that_makes_whole_copies(union):
+    """With `-o metacopy=off` an append copies the data up first, as before."""
+    lower = _lower(union["low"], "f", os.urandom(100_000))
+    union.mount("metacopy=off")
+    _append(union / "f", b"+")
+    assert _origin(union["up"] / "f") is None
+    assert (union["up"] / "f").read_bytes() == lower + b"+"
+    assert (union["low"] / "f").read_bytes() == lower
+
+
+def test_a_fill_that_does_not_fit_keeps_the_tail(make_union):
+    """An append fits where a whole copy would not: the fill fails, is emptied again but
+    for the tail, and the copy keeps reading its lower data."""
+    u = make_union(("up", "rw"), ("low", "ro+wh"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", u["up"]], check=True)
+    try:
+        lower = _lower(u["low"], "big", os.urandom(BIG))
+        before = tree(u["low"])
+        u.expected_log.append("cannot fill a metadata-only copy (No space left on device)")
+        u.mount()
+        _append(u / "big", b"tail")
+        deadline = time.monotonic() + 10
+        while "No space left" not in u.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (u / "big").read_bytes() == lower + b"tail"
+        u.umount()
+        up = u["up"] / "big"
+        assert _origin(up) == b"big" and os.lstat(up).st_blocks * 512 <= 4096
+        with open(up, "rb") as f:
+            f.seek(BIG)
+            assert f.read() == b"tail"
+        u.mount("metacopy")
+        assert (u / "big").read_bytes() == lower + b"tail"
+        u.umount()
+        assert tree(u["low"]) == before
+    finally:
+        subprocess.run(["umount", "-l", u["up"]], capture_output=True)
