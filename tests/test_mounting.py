@@ -170,6 +170,34 @@ def test_refresh_sees_direct_branch_edits(union):
     assert sorted(os.listdir(union.mnt)) == ["later", "old"]
 
 
+def test_short_timeouts_see_data_changed_directly(union):
+    """-o timeout=1: data changed in a branch directly shows once the attributes expire (the
+    kernel drops a file's cached data when the mtime it fetches again has moved)."""
+    p = union["low"] / "f"
+    p.write_text("first")
+    union.mount("timeout=1")
+    assert (union / "f").read_text() == "first"
+    p.write_text("again")  # (the same size)
+    os.utime(p, ns=(0, 3_000_000_000))
+    time.sleep(1.5)
+    assert (union / "f").read_text() == "again"
+
+
+def test_data_written_through_the_mount_stays_cached(union):
+    """With the default day-long cache, what was written through the mount is read back
+    from the kernel's cache, also after the kernel fetched the file's attributes again
+    (SQLite stats its database after each commit)."""
+    union.mount(debug=True)
+    data = os.urandom(8192)
+    with open(union / "g", "wb") as f:
+        f.write(data)
+        os.fsync(f.fileno())
+    os.stat(union / "g")
+    reads = union.requests().count("read")
+    assert (union / "g").read_bytes() == data
+    assert union.requests().count("read") == reads
+
+
 def test_second_mount_of_a_writable_branch_is_refused(union, make_union):
     from unionfs.layers import branch_in_use
 

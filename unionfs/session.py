@@ -45,9 +45,15 @@ POLL_MAX = 200e-6
 POLL_MIN = 10e-6
 # yield to other trio tasks (copy-ups, signals) at least this often under a flood of requests
 CHECKPOINT_EVERY = 64
-WANTED = (wire.ASYNC_READ | wire.BIG_WRITES | wire.AUTO_INVAL_DATA | wire.DO_READDIRPLUS
-          | wire.ASYNC_DIO | wire.PARALLEL_DIROPS | wire.MAX_PAGES | wire.CACHE_SYMLINKS
-          | wire.HANDLE_KILLPRIV_V2)
+WANTED = (wire.ASYNC_READ | wire.BIG_WRITES | wire.DO_READDIRPLUS | wire.ASYNC_DIO
+          | wire.PARALLEL_DIROPS | wire.MAX_PAGES | wire.CACHE_SYMLINKS | wire.HANDLE_KILLPRIV_V2)
+# With AUTO_INVAL_DATA the kernel drops a file's cached data whenever attributes it fetches
+# again show another mtime. That is how a mount whose attributes expire soon (-o timeout=N)
+# sees data changed in a branch directly; with longer ones (a day by default: `pyunion
+# refresh` drops the caches) it fetches them again only after a change made through the
+# mount, and then dropped the very data just written (SQLite read its pages back after
+# every commit).
+AUTO_INVAL_BELOW = 3600.0  # attribute timeouts (seconds) that get it
 
 
 _PADS = [b"\0" * n for n in range(8)]  # what aligns a dirent's name to 8 bytes
@@ -119,7 +125,8 @@ class Session:
         self.wanted = WANTED | (wire.WRITEBACK_CACHE if writeback else 0) \
             | (wire.EXPORT_SUPPORT if ops.supports_dot_lookup else 0) \
             | (wire.POSIX_ACL if ops.enable_acl else 0) \
-            | (wire.READDIRPLUS_AUTO if plus_auto else 0)
+            | (wire.READDIRPLUS_AUTO if plus_auto else 0) \
+            | (wire.AUTO_INVAL_DATA if ops.attr_timeout < AUTO_INVAL_BELOW else 0)
         self.no_open = False
         self._buf = bytearray(BUFFER_SIZE)
         self._view = memoryview(self._buf)
