@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import marked, tree, wait_filled
+from conftest import as_user, marked, tree, wait_filled
 from unionfs.metacopy import MARKER
 
 BIG = 3 << 20  # a copy-up of this copies in a worker thread (see unionfs.fs.THREAD_COPY_BYTES)
@@ -248,3 +248,25 @@ def test_a_fill_that_does_not_fit_keeps_the_tail(make_union):
         assert tree(u["low"]) == before
     finally:
         subprocess.run(["umount", "-l", u["up"]], capture_output=True)
+
+
+def test_an_append_without_fsetid_drops_set_id_bits_and_copies_no_data(shared_union, test_user):
+    union = shared_union
+    uid, gid = test_user
+    data = os.urandom(100_000)
+    p = union["low"] / "tool"
+    p.write_bytes(data)
+    os.chown(p, uid, gid)
+    os.chmod(p, 0o6755)
+    union.mount("metacopy")
+
+    def append():
+        with open(union / "tool", "ab") as f:
+            f.write(b"+")
+
+    assert as_user(uid, gid, append) == 0
+    assert stat.S_IMODE(os.stat(union / "tool").st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(union["up"] / "tool").st_mode) == 0o755
+    assert _origin(union["up"] / "tool") == b"tool"  # (dropping the bits needs no data)
+    assert (union / "tool").read_bytes() == data + b"+"
+    assert stat.S_IMODE(os.stat(p).st_mode) == 0o6755 and p.read_bytes() == data
