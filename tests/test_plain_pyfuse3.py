@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from conftest import pyunion
+from conftest import pyunion, wait_filled
 
 
 @pytest.fixture(params=["noextras", "opens"])
@@ -35,6 +35,7 @@ def test_files_and_copy_up(plain):
     with open(u / "d" / "f", "a") as f:
         f.write("+")
     assert (u / "d" / "f").read_text() == "lower+"
+    assert wait_filled(u["up"]) == []  # (an append copies no data first: see test_appends)
     assert (u["up"] / "d" / "f").read_text() == "lower+"
     with open(u / "big", "r+b") as f:  # a threaded copy-up
         f.write(b"X")

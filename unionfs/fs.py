@@ -476,7 +476,10 @@ class UnionOperations(pyfuse3.Operations):
         node = self._node(inode)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
             self.union.require_writable()
-            await self._copy_up(node, 0 if flags & os.O_TRUNC else None)
+            # (without O_TRUNC, the data waits for the first write that needs it: an append
+            # does not, see write_past_data)
+            trunc = bool(flags & os.O_TRUNC)
+            await self._copy_up(node, 0 if trunc else None, meta=not trunc)
             if flags & os.O_TRUNC:
                 os.ftruncate(self.data.get(node, True), 0)
         else:
