@@ -1,6 +1,7 @@
 """Shared fixtures: real pyunion mounts over real branch directories, always unmounted."""
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -54,6 +55,18 @@ def tree(root) -> dict:
             out[str(p.relative_to(root))] = (st.st_mode, st.st_uid, st.st_gid, st.st_nlink,
                                              st.st_size, st.st_mtime_ns, data)
     return out
+
+
+def origin_mark(path) -> bytes | None:
+    """The lower path named by the mark of PATH, a metadata-only copy (see unionfs.metacopy);
+    None if it is not one."""
+    from unionfs.metacopy import MARKER
+
+    try:
+        return os.getxattr(path, MARKER, follow_symlinks=False)
+    except OSError as e:
+        assert e.errno == errno.ENODATA
+        return None
 
 
 def marked(root) -> list[str]:

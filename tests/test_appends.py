@@ -10,8 +10,7 @@ import time
 
 import pytest
 
-from conftest import as_user, marked, tree, wait_filled
-from unionfs.metacopy import MARKER
+from conftest import as_user, marked, origin_mark, tree, wait_filled
 
 BIG = 3 << 20  # a copy-up of this copies in a worker thread (see unionfs.fs.THREAD_COPY_BYTES)
 
@@ -23,14 +22,6 @@ def _lower(root, rel, data, mode=0o644):
     os.chmod(p, mode)
     os.utime(p, ns=(1_000_000_000, 2_000_000_000))
     return data
-
-
-def _origin(path) -> bytes | None:
-    try:
-        return os.getxattr(path, MARKER, follow_symlinks=False)
-    except OSError as e:
-        assert e.errno == errno.ENODATA
-        return None
 
 
 def _append(path, data, at=None):
@@ -73,7 +64,7 @@ def test_an_append_copies_no_data(union, mode):
     assert stat.S_IMODE(os.stat(union / "small").st_mode) == 0o4755  # (root wrote it: kept)
     up = union["up"]
     if mode == "metacopy":  # (filled only by a write of data below the tail)
-        assert _origin(up / "d/big") == b"d/big" and _origin(up / "small") == b"small"
+        assert origin_mark(up / "d/big") == b"d/big" and origin_mark(up / "small") == b"small"
         assert os.lstat(up / "d/big").st_blocks * 512 < BIG // 2  # the tail's blocks alone
         assert (up / "d/big").read_bytes()[-8:] == b"appended"
         assert (up / "d/big").read_bytes()[:BIG] == bytes(BIG)
@@ -103,7 +94,7 @@ def test_reads_and_seeks_across_the_end_of_the_lower_data(union):
     union.mount("metacopy")
     _append(union / "f", b"T" * 5_000, at=20_000)  # a hole from 10,000 to 20,000
     want = lower + bytes(10_000) + b"T" * 5_000
-    assert _origin(union["up"] / "f") == b"f"
+    assert origin_mark(union["up"] / "f") == b"f"
     fd = os.open(union / "f", os.O_RDONLY)
     try:
         for off, size in ((0, 25_000), (9_990, 30), (9_999, 2), (10_000, 10), (19_990, 100),
@@ -161,8 +152,8 @@ def test_a_change_below_the_tail_fills_the_copy_and_keeps_the_tail(union, how):
         want = b"new"
     assert (union / "f").read_bytes() == want
     path = union["up"] / "f"
-    if how != "grow" or _origin(path) is None:  # (a size change past the data may need none)
-        assert _origin(path) is None and path.read_bytes() == want
+    if how != "grow" or origin_mark(path) is None:  # (a size change past the data may need none)
+        assert origin_mark(path) is None and path.read_bytes() == want
         assert os.lstat(path).st_ino == ino  # filled in place
     union.remount()
     assert (union / "f").read_bytes() == want
@@ -200,7 +191,7 @@ def test_a_copy_with_a_tail_as_a_lower_branch(make_union):
     _append(u / "appended", b"!")
     want["appended"] += b"!"
     for rel in ("chowned", "written", "appended"):
-        assert _origin(u["top"] / rel) is None, rel  # whole copies
+        assert origin_mark(u["top"] / rel) is None, rel  # whole copies
         assert (u["top"] / rel).read_bytes() == want[rel], rel
     assert not (u["top"] / "read").exists()
     u.remount()
@@ -216,7 +207,7 @@ def test_an_append_in_a_mount_that_makes_whole_copies(union):
     lower = _lower(union["low"], "f", os.urandom(100_000))
     union.mount("metacopy=off")
     _append(union / "f", b"+")
-    assert _origin(union["up"] / "f") is None
+    assert origin_mark(union["up"] / "f") is None
     assert (union["up"] / "f").read_bytes() == lower + b"+"
     assert (union["low"] / "f").read_bytes() == lower
 
@@ -238,7 +229,7 @@ def test_a_fill_that_does_not_fit_keeps_the_tail(make_union):
         assert (u / "big").read_bytes() == lower + b"tail"
         u.umount()
         up = u["up"] / "big"
-        assert _origin(up) == b"big" and os.lstat(up).st_blocks * 512 <= 4096
+        assert origin_mark(up) == b"big" and os.lstat(up).st_blocks * 512 <= 4096
         with open(up, "rb") as f:
             f.seek(BIG)
             assert f.read() == b"tail"
@@ -267,6 +258,6 @@ def test_an_append_without_fsetid_drops_set_id_bits_and_copies_no_data(shared_un
     assert as_user(uid, gid, append) == 0
     assert stat.S_IMODE(os.stat(union / "tool").st_mode) == 0o755
     assert stat.S_IMODE(os.stat(union["up"] / "tool").st_mode) == 0o755
-    assert _origin(union["up"] / "tool") == b"tool"  # (dropping the bits needs no data)
+    assert origin_mark(union["up"] / "tool") == b"tool"  # (dropping the bits needs no data)
     assert (union / "tool").read_bytes() == data + b"+"
     assert stat.S_IMODE(os.stat(p).st_mode) == 0o6755 and p.read_bytes() == data

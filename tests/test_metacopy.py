@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import kill_while_writing, tree
+from conftest import kill_while_writing, origin_mark, tree
 from unionfs.metacopy import MARKER
 
 BIG = 3 << 20  # written in a worker thread when filled (see unionfs.fs.THREAD_COPY_BYTES)
@@ -21,14 +21,6 @@ def _lower(union, rel, data):
     p.write_bytes(data)
     os.utime(p, ns=(1_000_000_000, 2_000_000_000))
     return p
-
-
-def _origin(path) -> bytes | None:
-    try:
-        return os.getxattr(path, MARKER, follow_symlinks=False)
-    except OSError as e:
-        assert e.errno == errno.ENODATA
-        return None
 
 
 @pytest.mark.parametrize("extras", [True, False], ids=["session", "noextras"])
@@ -48,7 +40,7 @@ def test_metadata_changes_copy_no_data(union, extras):
     for rel, size in (("d/big", BIG), ("d/small", 11), ("top", 12)):
         st = os.lstat(up / rel)
         assert st.st_size == size and st.st_blocks == 0, rel  # no data in the branch
-        assert _origin(up / rel) == rel.encode()
+        assert origin_mark(up / rel) == rel.encode()
         # the mount shows the data, and the lower file's block count
         assert os.lstat(union / rel).st_blocks == os.lstat(union["low"] / rel).st_blocks > 0
     assert (union / "d/big").read_bytes() == data
@@ -98,7 +90,7 @@ def test_a_write_fills_the_copy_in_place(union, how):
     path = union["up"] / "d/f"
     st = os.lstat(path)
     assert st.st_ino == ino  # filled in place: its links and inode stay
-    assert path.read_bytes() == want and _origin(path) is None
+    assert path.read_bytes() == want and origin_mark(path) is None
     assert st.st_blocks * 512 >= len(want)
     assert stat.S_IMODE(st.st_mode) == 0o4755  # (root wrote it: the set-id bit stays)
     union.remount()
@@ -125,8 +117,8 @@ def test_renamed_copies_read_their_lower_file(union):
         assert os.stat(union / "e/sub/b").st_uid == 55
         assert not (union / "d").exists()
         union.remount()
-    assert _origin(union["up"] / "moved") == b"d/a"
-    assert _origin(union["up"] / "e/sub/b") == b"d/sub/b"
+    assert origin_mark(union["up"] / "moved") == b"d/a"
+    assert origin_mark(union["up"] / "e/sub/b") == b"d/sub/b"
     assert os.lstat(union["up"] / "moved").st_blocks == 0
     with open(union / "moved", "r+b") as f:
         f.write(b"!")
@@ -148,7 +140,7 @@ def test_which_changes_copy_data(union):
         f.write(b"W")
     os.chmod(union / "plain", 0o600)
     for rel, meta in (("linked", False), ("empty", False), ("written", False), ("plain", True)):
-        assert (_origin(union["up"] / rel) is not None) == meta, rel
+        assert (origin_mark(union["up"] / rel) is not None) == meta, rel
     assert (union["up"] / "linked").read_bytes() == b"two names"
     assert stat.S_IMODE(os.stat(union / "other").st_mode) == 0o600
     assert (union / "written").read_bytes() == b"Written data"
@@ -158,7 +150,7 @@ def test_metacopy_off_copies_carry_their_data(union):
     _lower(union, "f", b"data")
     union.mount("metacopy=off")
     os.chmod(union / "f", 0o600)
-    assert _origin(union["up"] / "f") is None
+    assert origin_mark(union["up"] / "f") is None
     assert (union["up"] / "f").read_bytes() == b"data"
 
 
@@ -187,20 +179,20 @@ def test_stacked_copies_lead_down_to_the_data(make_union):
     first.mount("metacopy")
     os.chmod(first / "f", 0o640)
     first.umount()
-    assert _origin(u["mid"] / "f") == b"f"
+    assert origin_mark(u["mid"] / "f") == b"f"
 
     u.mount("metacopy")
     assert (u / "f").read_bytes() == data
     assert os.lstat(u / "f").st_blocks == os.lstat(u["low"] / "f").st_blocks
     os.chown(u / "f", 7, 7)  # a copy of a copy: still no data
-    assert _origin(u["top"] / "f") == b"f"
+    assert origin_mark(u["top"] / "f") == b"f"
     assert (u / "f").read_bytes() == data
     u.remount()
     assert (u / "f").read_bytes() == data
     with open(u / "f", "r+b") as f:
         f.write(b"+")
     assert (u["top"] / "f").read_bytes() == b"+" + data[1:]
-    assert _origin(u["mid"] / "f") == b"f" and (u["low"] / "f").read_bytes() == data
+    assert origin_mark(u["mid"] / "f") == b"f" and (u["low"] / "f").read_bytes() == data
 
 
 def test_a_copy_whose_data_is_gone_answers_eio(union):
@@ -219,7 +211,7 @@ def test_a_copy_whose_data_is_gone_answers_eio(union):
         with open(union / "f", "ab") as f:
             f.write(b"x")
     assert e.value.errno == errno.EIO
-    assert _origin(union["up"] / "f") == b"f"  # left as it was
+    assert origin_mark(union["up"] / "f") == b"f"  # left as it was
     os.unlink(union / "f")
     assert not (union / "f").exists()
 
@@ -240,7 +232,7 @@ def test_a_killed_fill_leaves_the_lower_data_showing(union):
             time.sleep(0.002)
 
     kill_while_writing(union, "big", meanwhile)
-    filled = _origin(up) is None
+    filled = origin_mark(up) is None
     assert not filled, "the fill was over before the kill: nothing was tested"
     union.mount("metacopy")
     with open(union / "big", "rb") as f:
@@ -264,7 +256,7 @@ def test_full_disk_during_a_fill_keeps_the_lower_data(make_union):
                 f.write(b"more")
         assert e.value.errno == errno.ENOSPC
         assert (u / "big").read_bytes() == data
-        assert _origin(u["up"] / "big") == b"big" and os.lstat(u["up"] / "big").st_blocks == 0
+        assert origin_mark(u["up"] / "big") == b"big" and os.lstat(u["up"] / "big").st_blocks == 0
         u.umount()
     finally:
         subprocess.run(["umount", "-l", u["up"]], capture_output=True)
@@ -350,7 +342,7 @@ def test_kernel_overlayfs_metadata_only_copies_in_lower_branches(make_union, tmp
     assert (u / "g2").read_bytes() == b"small\n"
     assert stat.S_IMODE(os.stat(u / "g2").st_mode) == 0o600
     os.chmod(u / "f", 0o640)  # a copy of overlayfs' copy: no data either
-    assert _origin(u["up"] / "f") == b"f" and os.lstat(u["up"] / "f").st_blocks == 0
+    assert origin_mark(u["up"] / "f") == b"f" and os.lstat(u["up"] / "f").st_blocks == 0
     u.remount()
     assert (u / "f").read_bytes() == data
     with open(u / "g2", "r+b") as f:  # a whole copy, its data from the lowest branch
