@@ -347,9 +347,8 @@ class UnionOperations(pyfuse3.Operations):
         kernel does for local files written, truncated or chowned by a caller without
         CAP_FSETID (with HANDLE_KILLPRIV_V2 it leaves that to us). ST: its attributes if known;
         returns them as they are afterwards."""
-        if st is None:  # (a copy written past its lower data is open as its own file)
-            fd = self.data.writable(node)
-            st = os.fstat(fd if fd is not None else self.data.get(node, True))
+        if st is None:
+            st = self.do_getattr(node.ino)[1]
         mode = st.st_mode
         kill = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
         if not stat.S_ISREG(mode) or not mode & kill:
