@@ -296,7 +296,10 @@ def test_removing_a_copy_held_open_copies_no_data(union, how):
         held = _daemon_file(union, "/up/f (deleted)")
         assert held.st_size == BIG and held.st_blocks == 0  # not filled
         assert os.pread(fd, BIG, 0) == data
-        assert stat.S_IMODE(os.fstat(fd).st_mode) == 0o600
+        st = os.fstat(fd)
+        assert stat.S_IMODE(st.st_mode) == 0o600
+        # (the lower file's blocks, as before it went: the data the copy reads)
+        assert st.st_blocks == os.lstat(union["low"] / "f").st_blocks > 0
         os.fchmod(fd, 0o640)
         os.pwrite(fd, b"XY", 10)  # fills the file the name had, through its fd
         assert os.pread(fd, BIG, 0) == data[:10] + b"XY" + data[12:]

@@ -65,15 +65,15 @@ class DataFds:
         entry = self._pinned.get(node.ino)
         if entry is not None:
             return entry[0]
+        if node.data_at is not None:  # (its data fd may be a lower file's: see own)
+            return self._own.get(node.ino)
         entry = self._fds.get(node.ino)
-        return None if entry is None or node.data_at is not None else entry[0]
+        return None if entry is None else entry[0]
 
     def own(self, node: Node) -> int:
-        """The own file of NODE, a metadata-only copy: where the bytes past its lower data
-        are (its tail, see metacopy); writable where its branch is."""
-        if node.ino in self._pinned_data:
-            return self._pinned[node.ino][0]
-        fd = self._own.get(node.ino)
+        """The own file of NODE, a metadata-only copy, opened if need be: where the bytes past
+        its lower data are (its tail, see metacopy); writable where its branch is."""
+        fd = self.current(node)
         if fd is None:
             writable = self.union.branches[node.branch].writable
             fd = self.union.open_own(node, os.O_RDWR if writable else os.O_RDONLY)

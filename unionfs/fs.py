@@ -235,7 +235,7 @@ class UnionOperations(pyfuse3.Operations):
         node = self._node(inode)
         fd = self.data.current(node)  # the file's open data answers without a path walk
         if fd is not None:
-            return node, os.fstat(fd)
+            return node, self.union.with_data_blocks(node, os.fstat(fd))
         return node, self.union.stat(node)
 
     def do_read(self, fh: int, off: int, size: int) -> bytes:

@@ -246,9 +246,7 @@ class MergedView:
                 node.aliases[path] = parent
         if node.branch != b:  # data already copied up through another name
             return node, self.stat(node)
-        if node.data_at is not None and _maybe_metacopy(node, st):
-            st = self._data_blocks(node, st)
-        return node, st
+        return node, self.with_data_blocks(node, st)
 
     def _alive(self, node: Node) -> bool:
         try:
@@ -298,9 +296,7 @@ class MergedView:
             st = None  # its name now holds another file: this one was removed
         if st is None:
             st = self._stat_alias(node)
-        if node.data_at is not None and _maybe_metacopy(node, st):
-            st = self._data_blocks(node, st)
-        return st
+        return self.with_data_blocks(node, st)
 
     # ----------------------------------------------------------------- metadata-only copies
 
@@ -350,8 +346,14 @@ class MergedView:
         directory, name = split(at[1])
         return self.dirs.get(at[0], directory), name
 
+    def with_data_blocks(self, node: Node, st: os.stat_result) -> os.stat_result:
+        """ST, the attributes of NODE's own file, with the block count of the file holding its
+        data where another one does (a metadata-only copy)."""
+        if node.data_at is not None and _maybe_metacopy(node, st):
+            return self._data_blocks(node, st)
+        return st
+
     def _data_blocks(self, node: Node, st: os.stat_result) -> os.stat_result:
-        """ST with the block count of the file holding NODE's data, where another one does."""
         at = self.data_of(node)
         if at is None or at[0] < 0:
             return st
@@ -459,9 +461,7 @@ class MergedView:
             node = Node(table.ino_for(key), key, join(parent.path, name), b, is_dir)
             node.parent = parent
             table.add(node)
-            if not is_dir and _maybe_metacopy(node, st):
-                st = self._data_blocks(node, st)
-            return node, st
+            return node, self.with_data_blocks(node, st)
         if is_dir and node.is_dir:
             return node, st
         return self._node_from(parent, name, Probe(entries=[(b, st)]))
