@@ -526,7 +526,7 @@ class UnionOperations(pyfuse3.Operations):
         copy, whose lower file keeps supplying the data before it (its tail, see metacopy; a
         lower file gets such a copy at once, where the union makes them); None if the write
         must wait for the data (see write_copying)."""
-        if node.ino in self._copy_locks or node.is_dir:
+        if node.ino in self._copy_locks:
             return None
         if off < os.fstat(self.data.get(node, False)).st_size:
             return None
