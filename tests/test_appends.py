@@ -117,7 +117,9 @@ def test_reads_and_seeks_across_the_end_of_the_lower_data(union):
 
 @pytest.mark.parametrize("how", ["overwrite", "truncate_in_tail", "truncate_below", "grow",
                                  "fallocate", "trunc_open"])
-def test_a_change_below_the_tail_fills_the_copy_and_keeps_the_tail(union, how):
+def test_a_change_to_a_copy_with_a_tail(union, how):
+    """A change of data below the end of the lower data fills the copy, keeping its tail; a
+    truncation to that end or past it (into the tail, or growing it) needs no data."""
     lower = os.urandom(BIG)
     _lower(union["low"], "f", lower)
     before = tree(union["low"])
@@ -152,9 +154,12 @@ def test_a_change_below_the_tail_fills_the_copy_and_keeps_the_tail(union, how):
         want = b"new"
     assert (union / "f").read_bytes() == want
     path = union["up"] / "f"
-    if how != "grow" or origin_mark(path) is None:  # (a size change past the data may need none)
+    if how in ("truncate_in_tail", "grow"):
+        assert origin_mark(path) == b"f" and os.lstat(path).st_size == len(want)
+        assert os.lstat(path).st_blocks * 512 < BIG // 2
+    else:
         assert origin_mark(path) is None and path.read_bytes() == want
-        assert os.lstat(path).st_ino == ino  # filled in place
+    assert os.lstat(path).st_ino == ino  # (filled in place)
     union.remount()
     assert (union / "f").read_bytes() == want
     assert tree(union["low"]) == before
@@ -202,13 +207,58 @@ def test_a_copy_with_a_tail_as_a_lower_branch(make_union):
     assert (tree(first["low"]), tree(first["mid"])) == before
 
 
-def test_an_append_in_a_mount_that_makes_whole_copies(union):
-    """With `-o metacopy=off` an append copies the data up first, as before."""
+@pytest.mark.parametrize("mode", ["fill", "metacopy"])
+def test_growing_a_lower_file_copies_no_data(union, mode):
+    """A truncation to the lower file's size or past it needs none of its data either: the
+    copy's size grows over a hole. By path, and through an open file (whose attribute
+    replies count the lower file's blocks, as a stat does)."""
+    lower = _lower_files(union)
+    before = tree(union["low"])
+    union.mount(*(["metacopy"] if mode == "metacopy" else []))
+    os.truncate(union / "d/big", BIG + 100_000)
+    fd = os.open(union / "small", os.O_RDWR)
+    try:
+        os.ftruncate(fd, 6)  # (its size: a copy, no change)
+        os.ftruncate(fd, 5_000)
+        os.fchmod(fd, 0o640)
+        assert os.fstat(fd).st_blocks == os.lstat(union["low"] / "small").st_blocks
+    finally:
+        os.close(fd)
+    want = {"d/big": lower["d/big"] + bytes(100_000), "small": lower["small"] + bytes(4_994)}
+    big = os.stat(union / "d/big")
+    assert big.st_size == BIG + 100_000 and big.st_blocks * 512 >= BIG
+    for rel, data in want.items():
+        assert (union / rel).read_bytes() == data, rel
+    up = union["up"]
+    if mode == "metacopy":
+        assert marked(up) == ["d/big", "small"]
+        assert os.lstat(up / "d/big").st_size == BIG + 100_000
+        assert os.lstat(up / "d/big").st_blocks * 512 < BIG // 2  # no data copied
+        assert stat.S_IMODE(os.lstat(up / "small").st_mode) == 0o640
+        union.remount()
+        for rel, data in want.items():
+            assert (union / rel).read_bytes() == data, rel
+    assert wait_filled(up) == [] if mode == "fill" else marked(up) == ["d/big", "small"]
+    union.umount()
+    if mode == "fill":
+        for rel, data in want.items():
+            assert (up / rel).read_bytes() == data, rel
+    assert tree(union["low"]) == before
+
+
+@pytest.mark.parametrize("change", ["append", "grow"])
+def test_an_append_in_a_mount_that_makes_whole_copies(union, change):
+    """With `-o metacopy=off` an append or a growing truncation copies the data up first."""
     lower = _lower(union["low"], "f", os.urandom(100_000))
     union.mount("metacopy=off")
-    _append(union / "f", b"+")
+    if change == "append":
+        _append(union / "f", b"+")
+        want = lower + b"+"
+    else:
+        os.truncate(union / "f", 100_005)
+        want = lower + bytes(5)
     assert origin_mark(union["up"] / "f") is None
-    assert (union["up"] / "f").read_bytes() == lower + b"+"
+    assert (union["up"] / "f").read_bytes() == want
     assert (union["low"] / "f").read_bytes() == lower
 
 

@@ -75,8 +75,8 @@ def _op(rnd, existing):
                        "chmod", "symlink", "link", "truncate", "listdir", "stat",
                        "setxattr", "getxattr", "removexattr", "listxattr", "exchange",
                        "noreplace", "utime", "chown", "hold", "fdwrite", "fdread", "fdstat",
-                       "mkfifo", "fallocate", "copyrange", "tmpfile", "mmapwrite", "rmtree",
-                       "scanremove"])
+                       "fdtruncate", "mkfifo", "fallocate", "copyrange", "tmpfile", "mmapwrite",
+                       "rmtree", "scanremove"])
     return kind, _path(rnd, existing), _path(rnd, existing), rnd.randint(0, 9999)
 
 
@@ -106,6 +106,8 @@ def _apply_held(root, kind, a, n):
         os.pwrite(fd, b"<%d>" % n, n % 20)
     elif kind == "fdread":
         return ("ok", os.pread(fd, 200, 0))
+    elif kind == "fdtruncate":
+        os.ftruncate(fd, n % 5 if n % 2 else 15 + n % 20)
     st = os.fstat(fd)
     return ("ok", st.st_size, stat.S_IMODE(st.st_mode))
 
@@ -124,7 +126,7 @@ def _apply(root, op):
     except OSError:
         pass
     try:
-        if kind in ("hold", "fdwrite", "fdread", "fdstat"):
+        if kind in ("hold", "fdwrite", "fdread", "fdstat", "fdtruncate"):
             return _apply_held(root, kind, a, n)
         if kind == "write":
             with open(a, "w") as f:
@@ -205,8 +207,8 @@ def _apply(root, op):
             os.symlink(q, a)
         elif kind == "link":
             os.link(a, b)
-        elif kind == "truncate":
-            os.truncate(a, n % 7)
+        elif kind == "truncate":  # (shrinking a lower file, or growing it: see metacopy)
+            os.truncate(a, n % 7 if n % 3 else 12 + n % 30)
         elif kind == "listdir":
             return ("ok", sorted(os.listdir(a)))
         elif kind in ("exchange", "noreplace"):

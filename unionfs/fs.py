@@ -362,6 +362,8 @@ class UnionOperations(pyfuse3.Operations):
             st = self.union.times_of_nameless(node, changes["atime_ns"], changes["mtime_ns"])
             if st is not None:
                 return st
+        if changes["size"] is not None and self.resize_past_data(node, changes["size"]):
+            changes = dict(changes, size=None)
         await self._copy_up(node, changes["size"], meta=changes["size"] is None)
         return self.do_setattr(node, **changes)
 
@@ -526,17 +528,35 @@ class UnionOperations(pyfuse3.Operations):
         copy, whose lower file keeps supplying the data before it (its tail, see metacopy; a
         lower file gets such a copy at once, where the union makes them); None if the write
         must wait for the data (see write_copying)."""
-        if node.ino in self._copy_locks:
-            return None
-        if off < os.fstat(self.data.get(node, False)).st_size:
-            return None
-        if not self.copy_up_at_once(node, meta=True):
+        if not self._copy_up_past_data(node, off):
             return None
         if not self.union.needs_copy_up(node):  # (a copy that holds its data: an empty file)
             return self.do_write(node, off, buf)
         count = os.pwrite(self.data.own(node), buf, off)
         node.unsynced += count
         return count
+
+    def resize_past_data(self, node: Node, size: int) -> bool:
+        """Truncate NODE, a file due for a copy-up, to SIZE without copying its data if SIZE is
+        at or past the end of that data (growing it, say): the size is a metadata-only copy's,
+        the bytes past the lower data its tail (see write_past_data); False if the
+        truncation must wait for the data, or needs no copy-up."""
+        if not self.union.needs_copy_up(node) or not self._copy_up_past_data(node, size):
+            return False
+        if not self.union.needs_copy_up(node):  # (an empty file, copied whole)
+            return False
+        os.ftruncate(self.data.own(node), size)
+        return True
+
+    def _copy_up_past_data(self, node: Node, off: int) -> bool:
+        """Whether a change of NODE's data at OFF and past it needs none of the data it has
+        now, and NODE then has the copy to take it: a metadata-only copy of a lower file (if
+        the union makes them), or a copy already made (see copy_up_at_once)."""
+        if node.ino in self._copy_locks:
+            return False
+        if off < os.fstat(self.data.get(node, False)).st_size:
+            return False
+        return self.copy_up_at_once(node, meta=True)
 
     async def flush(self, fh):
         # Nothing to do on close(): answering ENOSYS makes the kernel stop sending FLUSH,

@@ -8,8 +8,9 @@ top-down; a metadata-only copy found there leads further down. The first write f
 copy in place from that file, syncs it, and only then removes the xattr: a crash leaves
 either the copy still reading the lower data, or the whole data.
 
-A write at or past the end of the lower file's data (an append) needs none of it: it goes
-into the copy as it is, and the copy holds the bytes past that end itself, its tail. So a
+A write at or past the end of the lower file's data (an append), or a truncation to that end
+or past it, needs none of it: it goes into the copy as it is, and the copy holds the bytes
+past that end itself, its tail. So a
 copy reads its first min(lower size, own size) bytes from the lower file, the rest from its
 own file. A copy with a tail is never the lower file of another copy (a metadata-only copy
 of it gets whole data instead). (Kernel overlayfs'

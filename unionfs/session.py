@@ -436,6 +436,8 @@ class Session:
         def answer(unique, st):
             self._attr_reply(unique, node, self.ops.kill_suidgid(node, st) if kill else st)
 
+        if changes["size"] is not None and self.ops.resize_past_data(node, changes["size"]):
+            changes["size"] = None
         if self.ops.copy_up_at_once(node, changes["size"], meta=changes["size"] is None):
             answer(unique, self.ops.do_setattr(node, **changes))
         else:

@@ -958,7 +958,7 @@ class Union(MergedView):
                 atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
                 mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
             os.utime(target, ns=(atime_ns, mtime_ns), **where)
-        return os.fstat(fd) if fd is not None else self.stat(node)
+        return self.with_data_blocks(node, os.fstat(fd)) if fd is not None else self.stat(node)
 
     def setxattr(self, node: Node, name: bytes, value: bytes, fd: int | None = None) -> None:
         """Set NODE's attribute NAME; FD: an open fd of its own file, whose name may be gone."""
