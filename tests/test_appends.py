@@ -207,6 +207,38 @@ def test_a_copy_with_a_tail_as_a_lower_branch(make_union):
     assert (tree(first["low"]), tree(first["mid"])) == before
 
 
+@pytest.mark.parametrize("how", ["writeback", "same", "changed"])
+def test_a_write_across_the_end_of_the_lower_data(union, how):
+    """A write that starts before the end of the lower data and reaches past it needs none of
+    the data if it only repeats the bytes there, as the writeback cache's write of a whole
+    last page does after an append; one that changes them fills the copy first."""
+    lower = _lower(union["low"], "f", os.urandom(BIG + 1000))  # (not a whole number of pages)
+    before = tree(union["low"])
+    union.mount("metacopy", *(["writeback"] if how == "writeback" else []))
+    if how == "writeback":
+        _append(union / "f", b"appended")
+        want = lower + b"appended"
+        fd = os.open(union / "f", os.O_RDONLY)
+        try:
+            os.fsync(fd)  # (the kernel writes the last page back)
+        finally:
+            os.close(fd)
+    else:
+        head = lower[-3:] if how == "same" else b"XYZ"
+        _append(union / "f", head + b"past", at=len(lower) - 3)
+        want = lower[:-3] + head + b"past"
+    assert (union / "f").read_bytes() == want
+    up = union["up"] / "f"
+    if how == "changed":
+        assert origin_mark(up) is None and up.read_bytes() == want
+    else:
+        assert origin_mark(up) == b"f" and os.lstat(up).st_size == len(want)
+        assert os.lstat(up).st_blocks * 512 < BIG // 2  # no data copied
+    union.remount()
+    assert (union / "f").read_bytes() == want
+    assert tree(union["low"]) == before
+
+
 @pytest.mark.parametrize("mode", ["fill", "metacopy"])
 def test_growing_a_lower_file_copies_no_data(union, mode):
     """A truncation to the lower file's size or past it needs none of its data either: the

@@ -524,11 +524,12 @@ class UnionOperations(pyfuse3.Operations):
 
     def write_past_data(self, node: Node, off: int, buf) -> int | None:
         """Write BUF at OFF to NODE, a file due for a copy-up, without copying its data, if OFF
-        is at or past the end of that data (an append): the write goes into a metadata-only
-        copy, whose lower file keeps supplying the data before it (its tail, see metacopy; a
-        lower file gets such a copy at once, where the union makes them); None if the write
-        must wait for the data (see write_copying)."""
-        if not self._copy_up_past_data(node, off):
+        is at or past the end of that data (an append), or BUF only repeats the bytes it has
+        before that end: the write goes into a metadata-only copy, whose lower file keeps
+        supplying the data before it (its tail, see metacopy; a lower file gets such a copy at
+        once, where the union makes them); None if the write must wait for the data (see
+        write_copying)."""
+        if not self._copy_up_past_data(node, off, buf):
             return None
         if not self.union.needs_copy_up(node):  # (a copy that holds its data: an empty file)
             return self.do_write(node, off, buf)
@@ -548,13 +549,15 @@ class UnionOperations(pyfuse3.Operations):
         os.ftruncate(self.data.own(node), size)
         return True
 
-    def _copy_up_past_data(self, node: Node, off: int) -> bool:
-        """Whether a change of NODE's data at OFF and past it needs none of the data it has
-        now, and NODE then has the copy to take it: a metadata-only copy of a lower file (if
-        the union makes them), or a copy already made (see copy_up_at_once)."""
+    def _copy_up_past_data(self, node: Node, off: int, buf=b"") -> bool:
+        """Whether a change of NODE's data at OFF and past it (a write of BUF) needs none of
+        the data it has now, and NODE then has the copy to take it: a metadata-only copy of a
+        lower file (if the union makes them), or a copy already made (see copy_up_at_once)."""
         if node.ino in self._copy_locks:
             return False
-        if off < os.fstat(self.data.get(node, False)).st_size:
+        fd = self.data.get(node, False)
+        end = os.fstat(fd).st_size
+        if off < end and not _repeats_data(fd, end, off, buf):
             return False
         return self.copy_up_at_once(node, meta=True)
 
@@ -846,3 +849,11 @@ class UnionOperations(pyfuse3.Operations):
                     pass
 
         await trio.to_thread.run_sync(run)
+
+
+def _repeats_data(fd: int, end: int, off: int, buf) -> bool:
+    """Whether BUF, to be written at OFF, reaches past END, the end of the data of file FD,
+    and repeats what FD holds before it. (The writeback cache writes back whole pages: an
+    append to a file whose size is not a multiple of the page size writes the start of its
+    last page again.)"""
+    return off + len(buf) > end and os.pread(fd, end - off, off) == buf[:end - off]
