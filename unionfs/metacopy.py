@@ -4,16 +4,15 @@ A chown, chmod, utimes or xattr change of a lower file does not need its data: t
 the writable branch is a file of the same size with no data blocks, carrying the new
 metadata and the xattr `user.pyunion.metacopy`, whose value is the path (from the branch
 root) of the lower file that holds the data. It is looked up in the branches below the copy,
-top-down; a metadata-only copy found there leads further down. The first write fills the
-copy in place from that file, syncs it, and only then removes the xattr: a crash leaves
-either the copy still reading the lower data, or the whole data.
+top-down; a metadata-only copy found there leads further down. The first write that needs
+the data fills the copy in place from that file, syncs it, and only then removes the xattr:
+a crash leaves either the copy still reading the lower data, or the whole data.
 
-A write at or past the end of the lower file's data (an append), or a truncation to that end
-or past it, needs none of it: it goes into the copy as it is, and the copy holds the bytes
-past that end itself, its tail. So a
-copy reads its first min(lower size, own size) bytes from the lower file, the rest from its
-own file. A copy with a tail is never the lower file of another copy (a metadata-only copy
-of it gets whole data instead). (Kernel overlayfs'
+A write at or past the end of the lower file's data (an append, or one that only repeats the
+bytes before that end), or a truncation to that end or past it, needs none of it: it goes
+into the copy as it is, and the copy holds the bytes past that end itself, its tail. So a copy reads its first min(lower size, own size) bytes
+from the lower file, the rest from its own file. A copy with a tail is never the lower file
+of another copy (a metadata-only copy of it gets whole data instead). (Kernel overlayfs'
 `metacopy=on` works alike; its copies, marked `overlay.metacopy` and, if moved,
 `overlay.redirect`, are read the same way where they are found in lower branches.)
 """
