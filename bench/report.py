@@ -254,6 +254,8 @@ def results_markdown(data: dict, systems: list[str], chart_name: str | None) -> 
         lines.append(f"- writable layers on: {data['scratch']}")
     if data.get("page_reporting"):
         lines.append(f"- memory: {data['page_reporting']}")
+    if data.get("fuse_uring"):
+        lines.append(f"- {data['fuse_uring']}")
     if "load_average" in data:
         lines.append(f"- 1-minute load average before / after the run: {data['load_average'][0]} / "
                      f"{data['load_average'][1]} (anything else running on the machine adds noise)")

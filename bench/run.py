@@ -15,7 +15,7 @@ from pathlib import Path
 from bench import report
 from bench.layers import PROFILES, LayerError, ensure_layers
 from bench.scratch import Scratch
-from bench.systems import DEFAULT_SYSTEMS, SYSTEMS, MountError, SlowExit, System
+from bench.systems import DEFAULT_SYSTEMS, SYSTEMS, MountError, PyunionUring, SlowExit, System
 from bench.workloads import SCENARIOS_BY_NAME, Scenario, environment, timed_steps
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +25,7 @@ STEP_TIMEOUT = 300.0  # seconds; far beyond any healthy run of a workload
 PREFAULT_CHUNK = 1 << 30
 PREFAULT_MARGIN = 4 << 30  # RAM always left to everything else while prefaulting
 PAGE_REPORTING_ORDER = Path("/sys/module/page_reporting/parameters/page_reporting_order")
+FUSE_URING = Path("/sys/module/fuse/parameters/enable_uring")
 
 
 class BenchError(Exception):
@@ -177,6 +178,25 @@ def page_reporting_held_off(saved: Path, knob: Path = PAGE_REPORTING_ORDER):
         saved.unlink()
 
 
+@contextlib.contextmanager
+def fuse_uring_enabled(saved: Path, knob: Path = FUSE_URING):
+    """Let FUSE daemons use io_uring during the run (for `pyunion -o uring`; the peers in this
+    run do not ask for it); yields whether it is on. The old setting is put back afterwards,
+    and kept in SAVED meanwhile, as for page_reporting_held_off."""
+    try:
+        old = saved.read_text().strip() if saved.exists() else knob.read_text().strip()
+        saved.write_text(f"{old}\n")
+        knob.write_text("Y\n")
+    except OSError:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        knob.write_text(f"{old}\n")
+        saved.unlink()
+
+
 def warm_page_cache(root: Path) -> None:
     """Read every backing file once so that all systems start from the page cache."""
     subprocess.run(["bash", "-o", "pipefail", "-c", 'tar cf - -C "$1" . | cat > /dev/null', "sh",
@@ -301,6 +321,11 @@ def run(args, command_line: str) -> dict:
                 log(f"free page reporting held off (order {reporting[0]} -> {reporting[1]})")
             log("touching free memory once (first-touch costs in VMs) ...")
             log(f"touched {prefault_memory() >> 30} GiB")
+        uring_on = None
+        if PyunionUring.name in args.systems:
+            uring_on = stack.enter_context(fuse_uring_enabled(out / "enable_uring"))
+            log("FUSE over io_uring " + ("enabled for the run" if uring_on else
+                                         "not available: pyunion -o uring serves /dev/fuse"))
         log("warming the page cache ...")
         warm_page_cache(layers.root)
         started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -332,6 +357,9 @@ def run(args, command_line: str) -> dict:
         "page_reporting": None if reporting is None else
         f"free page reporting to the hypervisor held off during the run (its order raised from "
         f"{reporting[0]} to {reporting[1]}, then put back), after free memory was touched once",
+        "fuse_uring": None if uring_on is None else
+        f"FUSE over io_uring ({FUSE_URING}) "
+        + ("set to Y during the run, then put back" if uring_on else "not available"),
         "summary": summary,
         "warnings": collector.warnings,
     }

@@ -311,6 +311,16 @@ class PyunionLowLatency(Pyunion):
     mount_args = ("-o", "lowlatency")
 
 
+class PyunionUring(Pyunion):
+    """pyunion -o uring: requests through FUSE over io_uring, a queue per CPU (the run turns
+    the fuse module's enable_uring on, which only daemons that ask for it use). Not in the
+    default run: it needs that setting, which is off unless root turns it on."""
+
+    name = "pyunion-uring"
+    label = "pyunion -o uring"
+    mount_args = ("-o", "uring")
+
+
 class PyunionMetacopy(Pyunion):
     """pyunion -o metacopy, as `pyunion run` mounts containers' layers: metadata changes
     copy no data. Run only where that makes a difference."""
@@ -322,6 +332,6 @@ class PyunionMetacopy(Pyunion):
 
 
 SYSTEMS = {s.name: s for s in (Native(), KernelOverlay(), FuseOverlayfs(), UnionfsFuse(), Pyunion(),
-                               PyunionMetacopy(), PyunionLowLatency())}
-DEFAULT_SYSTEMS = [n for n in SYSTEMS if n != PyunionLowLatency.name]
+                               PyunionMetacopy(), PyunionLowLatency(), PyunionUring())}
+DEFAULT_SYSTEMS = [n for n in SYSTEMS if n not in (PyunionLowLatency.name, PyunionUring.name)]
 REFERENCE = "fuse-overlayfs"

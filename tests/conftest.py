@@ -208,6 +208,22 @@ def make_union(tmp_path):
 
 
 @pytest.fixture
+def fuse_uring():
+    """The fuse module's enable_uring turned on for the test (see unionfs.uring), then back."""
+    from unionfs.uring import ENABLE_PARAMETER
+
+    knob = Path(ENABLE_PARAMETER)
+    if not knob.exists():
+        pytest.skip("this kernel has no FUSE over io_uring (Linux 6.14 or later)")
+    old = knob.read_text().strip()
+    knob.write_text("Y\n")
+    try:
+        yield
+    finally:
+        knob.write_text(f"{old}\n")
+
+
+@pytest.fixture
 def shared_union(make_union):
     """Like union, but reachable by other users (allow_other)."""
     return make_union(shared=True)

@@ -312,8 +312,11 @@ def long_redirects():
 # itself and sends them later; 10-12 make metadata-only copy-ups)
 @pytest.mark.parametrize("seed,options", [(s, ()) for s in range(1, 7)]
                          + [(s, ("writeback",)) for s in range(7, 10)]
-                         + [(s, ("metacopy",)) for s in range(10, 13)])
-def test_same_behaviour_as_overlayfs(make_union, tmp_path, seed, options, long_redirects):
+                         + [(s, ("metacopy",)) for s in range(10, 13)]
+                         + [(s, ("uring",)) for s in range(13, 16)])
+def test_same_behaviour_as_overlayfs(make_union, tmp_path, seed, options, long_redirects, request):
+    if "uring" in options:
+        request.getfixturevalue("fuse_uring")
     rnd = random.Random(seed)
     u = make_union(("up", "rw"), ("l1", "ro+wh"), ("l2", "ro+wh"), name=f"u{seed}")
     _build_layers(u["l1"], u["l2"], rnd)

@@ -13,6 +13,7 @@ its lower data meanwhile, and is filled once a later mount meets it.
 import logging
 import os
 import resource
+import threading
 import time
 from functools import partial
 
@@ -42,6 +43,8 @@ class Filler:
         # by node key: an O_PATH fd of the copy, and where its data is (see Node.data_at)
         self._waiting: dict[Key, tuple[int, tuple[int, bytes]]] = {}
         self._added = trio.Event()
+        self._loop: tuple | None = None  # (thread, trio token) of the task that fills
+        self._wake_due = False
         self._last_added = 0.0
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self._max_waiting = MAX_WAITING if limit == resource.RLIM_INFINITY \
@@ -61,11 +64,22 @@ class Filler:
             return
         self._waiting[node.key] = (fd, at)
         self._last_added = time.monotonic()
+        if self._loop is not None and threading.get_ident() != self._loop[0]:
+            # (a request served off the loop: see unionfs.uring)
+            if not self._added.is_set() and not self._wake_due:
+                self._wake_due = True
+                self._loop[1].run_sync_soon(self._wake)
+        else:
+            self._added.set()
+
+    def _wake(self) -> None:
+        self._wake_due = False
         self._added.set()
 
     async def run(self) -> None:
         """Fill copies as they come, once they pause, or a second after the first one if
         they do not (a task for the mount's lifetime)."""
+        self._loop = (threading.get_ident(), trio.lowlevel.current_trio_token())
         while True:
             await self._added.wait()
             deadline = time.monotonic() + MAX_DELAY

@@ -46,6 +46,7 @@ class MountOptions:
     opens: bool = False  # have the kernel send OPEN/OPENDIR, as old kernels do (diagnosis)
     plus_auto: bool = False  # readdirplus=auto: attributes with listings only when they are used
     low_latency: bool = False  # keep idle CPUs polling while requests come close together
+    uring: bool = False  # take requests through FUSE over io_uring where the kernel offers it
     logfile: str | None = None
     fsname: str = "pyunion"
     workdir: str | None = None
@@ -110,6 +111,8 @@ def parse_options(items: list[str]) -> MountOptions:
                 o.opens = True
             elif key == "lowlatency" and not sep:
                 o.low_latency = True
+            elif key == "uring" and not sep:
+                o.uring = True
             elif key == "readdirplus" and sep:
                 if value not in ("always", "auto"):
                     raise UsageError(f"option readdirplus: 'always' or 'auto', not {value!r}")
@@ -130,6 +133,10 @@ def parse_options(items: list[str]) -> MountOptions:
         raise UsageError("option readdirplus=auto needs pyunion's own session: drop noextras")
     if o.low_latency and not o.extras:
         raise UsageError("option lowlatency needs pyunion's own session: drop noextras")
+    if o.uring and not o.extras:
+        raise UsageError("option uring needs pyunion's own session: drop noextras")
+    if o.uring and o.low_latency:
+        raise UsageError("options uring and lowlatency: choose one")
     if o.low_latency and not o.poll_us:
         raise UsageError("option lowlatency holds its request while the daemon polls: drop poll=0")
     return o
@@ -171,7 +178,7 @@ usage: pyunion mount [-o OPT[,OPT...]] [-f] [-d] BRANCHES MOUNTPOINT
   -d           log every request
   -o OPTIONS   ro, allow_other, nodefault_permissions, timeout=SEC, entry_timeout=SEC,
                attr_timeout=SEC, negative_timeout=SEC, writeback, volatile,
-               metacopy=fill|on|off (metacopy, nometacopy), poll=USEC, lowlatency,
+               metacopy=fill|on|off (metacopy, nometacopy), poll=USEC, lowlatency, uring,
                readdirplus=always|auto, opens, noextras, logfile=PATH, fsname=NAME,
                workdir=DIR, and the kernel flags nodev, nosuid, noexec, noatime, sync, ...
                (README.md says what each one does)
@@ -407,7 +414,7 @@ def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: b
         fd = find_device_fd()
         if fd is not None:
             session = Session(ops, fd, o.writeback, o.poll_us / 1e6, o.opens, o.plus_auto,
-                              o.low_latency)
+                              o.low_latency, o.uring)
         else:
             log.info("no single /dev/fuse fd found: running on pyfuse3's request loop")
 

@@ -20,13 +20,15 @@ import errno
 import logging
 import os
 import select
+import struct
+import threading
 import time
 from functools import partial
 
 import pyfuse3
 import trio
 
-from unionfs import syscalls, wire
+from unionfs import syscalls, uring, wire
 from unionfs.wire import (
     ATTR_OUT,
     BODY,
@@ -45,6 +47,8 @@ POLL_MAX = 200e-6
 POLL_MIN = 10e-6
 # yield to other trio tasks (copy-ups, signals) at least this often under a flood of requests
 CHECKPOINT_EVERY = 64
+# with requests through io_uring, how often the loop looks at /dev/fuse (see _drain_device)
+DEVICE_CHECK = 0.2
 WANTED = (wire.ASYNC_READ | wire.BIG_WRITES | wire.DO_READDIRPLUS | wire.ASYNC_DIO
           | wire.PARALLEL_DIROPS | wire.MAX_PAGES | wire.CACHE_SYMLINKS | wire.HANDLE_KILLPRIV_V2)
 # With AUTO_INVAL_DATA the kernel drops a file's cached data whenever attributes it fetches
@@ -105,17 +109,33 @@ def _timeout(seconds: float) -> tuple[int, int]:
     return whole, int((seconds - whole) * NS)
 
 
+class _HoldsLock(trio.abc.Instrument):
+    """Holds LOCK while a trio task runs (see Session._start_queues)."""
+
+    def __init__(self, lock: threading.Lock):
+        self.lock = lock
+
+    def before_task_step(self, task) -> None:
+        self.lock.acquire()
+
+    def after_task_step(self, task) -> None:
+        self.lock.release()
+
+
 class Session:
     """Serves one mounted union's /dev/fuse fd until it is unmounted or stopped."""
 
     def __init__(self, ops, fd: int, writeback: bool = False, poll_max: float = POLL_MAX,
-                 opens: bool = False, plus_auto: bool = False, low_latency: bool = False):
+                 opens: bool = False, plus_auto: bool = False, low_latency: bool = False,
+                 use_uring: bool = False):
         """OPENS: have the kernel send OPEN and OPENDIR, as kernels before 5.1 do.
         PLUS_AUTO: let the kernel list with plain READDIR (names only, no attributes, no
         inodes made) where nobody has looked up or stat()ed an entry of the directory since
         its last listing request (the kernel's readdirplus=auto rule).
         LOW_LATENCY: while requests come close together, keep idle CPUs from halting (see
-        _poll)."""
+        _poll).
+        USE_URING: take requests through io_uring, a queue per CPU, where the kernel offers it
+        (see unionfs.uring)."""
         self.ops = ops
         self.opens = opens
         self.union = ops.union
@@ -139,6 +159,15 @@ class Session:
         self._poller.register(fd, select.POLLIN)
         self._latency = syscalls.CpuLatencyRequest() if low_latency else None
         self._caller = (0, 0, 0)
+        self.use_uring = use_uring
+        self.queues: uring.Queues | None = None  # once requests come through io_uring
+        # (queue, entry) of each request from io_uring not answered yet, by unique
+        self._ring_requests: dict[int, tuple] = {}
+        # held by whichever thread runs handlers or trio tasks, once there are queues
+        self.lock = threading.Lock()
+        self._token = None
+        self._trio_thread: int | None = None
+        self._holds_lock = _HoldsLock(self.lock)
         self._entry_valid = _timeout(ops.entry_timeout)
         self._attr_valid = _timeout(ops.attr_timeout)
         seconds, nanoseconds = _timeout(ops.negative_timeout)
@@ -169,6 +198,8 @@ class Session:
         """Answer requests until the file system is unmounted or `stop()` is called."""
         os.set_blocking(self.fd, False)
         self.ops.invalidate = self._invalidate
+        self._token = trio.lowlevel.current_trio_token()
+        self._trio_thread = threading.get_ident()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             served = 0
@@ -176,6 +207,9 @@ class Session:
                 try:
                     size = os.readv(self.fd, [self._buf])
                 except BlockingIOError:
+                    if self.queues is not None:  # (FORGETs alone: the queues read them too)
+                        await trio.sleep(DEVICE_CHECK)
+                        continue
                     size = self._poll() if self._window else None
                     if size is None:
                         try:
@@ -198,6 +232,9 @@ class Session:
             if self._latency is not None:
                 self._latency.release()
             nursery.cancel_scope.cancel()
+        if self.queues is not None:
+            trio.lowlevel.remove_instrument(self._holds_lock)
+            self.lock.release()  # (held for this step: see _start_queues)
 
     def _poll(self) -> int | None:
         """Wait for the next request by polling, for a while: the size read, or None.
@@ -304,7 +341,14 @@ class Session:
                 self._tasks -= 1
 
         self._tasks += 1
-        self._nursery.start_soon(run)
+        self._in_loop(self._nursery.start_soon, run)
+
+    def _in_loop(self, fn, *args) -> None:
+        """Call FN(*ARGS) in the trio thread: now if this is it, else soon."""
+        if threading.get_ident() == self._trio_thread:
+            fn(*args)
+        else:
+            self._token.run_sync_soon(fn, *args)
 
     def _now_or_task(self, unique: int, opcode: int, nodeid: int, node, coro, answer) -> None:
         """Run a change of NODE's metadata that copies it up first: at once if the copy-up
@@ -318,6 +362,11 @@ class Session:
 
     def _send(self, unique: int, *parts) -> bool:
         """Reply to request UNIQUE; False if the kernel no longer waits for it."""
+        if self._ring_requests:
+            at = self._ring_requests.pop(unique, None)
+            if at is not None:
+                at[0].reply(at[1], 0, parts)
+                return True
         size = OUT_HEADER.size + sum(map(len, parts))
         try:
             os.writev(self.fd, [OUT_HEADER.pack(size, 0, unique), *parts])
@@ -328,6 +377,11 @@ class Session:
             return False
 
     def _error(self, unique: int, err: int) -> None:
+        if self._ring_requests:
+            at = self._ring_requests.pop(unique, None)
+            if at is not None:
+                at[0].reply(at[1], err, ())
+                return
         try:
             os.write(self.fd, OUT_HEADER.pack(OUT_HEADER.size, -err, unique))
         except OSError as e:
@@ -377,13 +431,71 @@ class Session:
             return
         self.no_open = bool(flags & wire.NO_OPEN_SUPPORT) and not self.opens
         self.ops.no_opendir = bool(flags & wire.NO_OPENDIR_SUPPORT) and not self.opens
-        reply = wire.INIT_OUT.pack(wire.MAJOR, wire.MINOR, max_readahead, self.wanted & flags, 0, 0,
-                                   MAX_WRITE, 1, MAX_WRITE // 4096, 0)
+        if flags & wire.INIT_EXT and length >= BODY + wire.INIT_IN.size + wire.INIT_IN_FLAGS2.size:
+            flags |= wire.INIT_IN_FLAGS2.unpack_from(self._buf, BODY + wire.INIT_IN.size)[0] << 32
+        wanted = self.wanted | (wire.INIT_EXT | wire.OVER_IO_URING if self.use_uring else 0)
+        agreed = wanted & flags
+        reply = wire.INIT_OUT.pack(wire.MAJOR, wire.MINOR, max_readahead, agreed & 0xFFFFFFFF, 0, 0,
+                                   MAX_WRITE, 1, MAX_WRITE // 4096, 0, agreed >> 32)
         if minor < 23:
             reply = reply[:wire.INIT_OUT_COMPAT_SIZE]
         self.ops.init()
         self._send(unique, reply)
-        log.debug("FUSE %d.%d, flags %#x of %#x", major, minor, self.wanted & flags, flags)
+        log.debug("FUSE %d.%d, flags %#x of %#x", major, minor, agreed, flags)
+        if self.use_uring:
+            if agreed & wire.OVER_IO_URING:
+                self._start_queues()
+            else:
+                log.warning("-o uring: the kernel offers no FUSE over io_uring (Linux 6.14 or "
+                            "later, with %s set to Y): serving through /dev/fuse",
+                            uring.ENABLE_PARAMETER)
+
+    def _start_queues(self) -> None:
+        """Serve requests through a queue per CPU from now on (see unionfs.uring). From here
+        on handlers and trio tasks take turns: each holds self.lock while it runs (trio's
+        task steps through an instrument; this one, already running, takes it now)."""
+        queues = uring.Queues(self.fd, max(8192, MAX_WRITE), self._dispatch_queued,
+                              self._drain_device)
+        trio.lowlevel.add_instrument(self._holds_lock)
+        self.lock.acquire()
+        self.queues = queues
+        self._window = self.poll_max = 0  # (/dev/fuse brings forgets alone now)
+        try:
+            queues.start()
+        except OSError as e:
+            log.warning("-o uring: %s: serving through /dev/fuse", e)
+        else:
+            log.info("serving through FUSE over io_uring, %d queues", len(queues.queues))
+
+    def _dispatch_queued(self, buf: bytearray, length: int, queue, index: int) -> None:
+        """Handle a request that came through io_uring (in its queue's thread)."""
+        with self.lock:
+            self._ring_requests[struct.unpack_from("=Q", buf, 8)[0]] = (queue, index)
+            self._dispatch_from(buf, length)
+
+    def _drain_device(self, buf: bytearray) -> None:
+        """Handle what waits in /dev/fuse (in a queue's thread, after its requests): FORGETs,
+        which the kernel still sends there. Taking them where requests are served anyway
+        spares waking the loop's thread for each."""
+        while True:
+            try:
+                size = os.readv(self.fd, [buf])
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in (errno.ENOENT, errno.EINTR):
+                    continue
+                return  # (unmounted: the loop sees it too)
+            with self.lock:
+                self._dispatch_from(buf, size)
+
+    def _dispatch_from(self, buf: bytearray, length: int) -> None:
+        saved = self._buf, self._view
+        self._buf, self._view = buf, memoryview(buf)
+        try:
+            self._dispatch(length)
+        finally:
+            self._buf, self._view = saved
 
     def _destroy(self, unique, nodeid, length):
         self._send(unique)
@@ -741,8 +853,8 @@ class Session:
             body = wire.NOTIFY_INVAL_INODE_OUT.pack(ino, 0, 0)
             messages.append(OUT_HEADER.pack(OUT_HEADER.size + len(body), wire.NOTIFY_INVAL_INODE, 0)
                             + body)
-        self._nursery.start_soon(partial(trio.to_thread.run_sync, self._notify, messages,
-                                         abandon_on_cancel=True))
+        self._in_loop(self._nursery.start_soon, partial(trio.to_thread.run_sync, self._notify,
+                                                        messages, abandon_on_cancel=True))
 
     def _notify(self, messages: list[bytes]) -> None:
         for message in messages:

@@ -42,6 +42,8 @@ MAX_PAGES = 1 << 22
 CACHE_SYMLINKS = 1 << 23
 NO_OPENDIR_SUPPORT = 1 << 24
 HANDLE_KILLPRIV_V2 = 1 << 28
+INIT_EXT = 1 << 30  # the INIT request and reply carry flags2, the flags from bit 32 on
+OVER_IO_URING = 1 << 41  # requests may come through io_uring (see unionfs.uring)
 
 # SETATTR's valid bits
 FATTR_MODE, FATTR_UID, FATTR_GID, FATTR_SIZE = 1, 2, 4, 8
@@ -68,9 +70,10 @@ XATTR_OUT = struct.Struct("=II")  # size padding
 LSEEK_OUT = struct.Struct("=Q")
 STATFS_OUT = struct.Struct("=QQQQQIIII24x")  # blocks bfree bavail files ffree bsize namelen frsize
 INIT_IN = struct.Struct("=IIII")  # major minor max_readahead flags
+INIT_IN_FLAGS2 = struct.Struct("=I")  # after INIT_IN, where the kernel sets INIT_EXT
 # major minor max_readahead flags max_background congestion_threshold max_write time_gran
-# max_pages map_alignment (minor >= 23; older kernels take the first 24 bytes)
-INIT_OUT = struct.Struct("=IIIIHHIIHH32x")
+# max_pages map_alignment flags2 (minor >= 23; older kernels take the first 24 bytes)
+INIT_OUT = struct.Struct("=IIIIHHIIHHI28x")
 INIT_OUT_COMPAT_SIZE = 24
 NOTIFY_INVAL_INODE_OUT = struct.Struct("=Qqq")  # ino off len
 NOTIFY_INVAL_ENTRY_OUT = struct.Struct("=QII")  # parent namelen flags
