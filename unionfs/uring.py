@@ -21,6 +21,7 @@ import errno
 import logging
 import mmap
 import os
+import select
 import struct
 import threading
 
@@ -105,15 +106,21 @@ class Ring:
         self._cq_mask, self._cqes = u32(cq[2]).value, cq[5]
         self._pending = 0
 
-    def push(self, opcode: int, fd: int, cmd_op: int, addr: int, length: int, user_data: int,
-             cmd: bytes = b"") -> None:
-        """Queue a submission (sent by the next enter())."""
+    @staticmethod
+    def make(opcode: int, fd: int, cmd_op: int, addr: int, length: int, user_data: int,
+             cmd: bytes = b"") -> bytearray:
+        """A submission entry."""
+        sqe = bytearray(SQE_SIZE)
+        SQE.pack_into(sqe, 0, opcode, 0, 0, fd, cmd_op, 0, addr, length, 0, user_data)
+        sqe[48:48 + len(cmd)] = cmd  # (the command area)
+        return sqe
+
+    def push(self, sqe) -> None:
+        """Queue submission entry SQE (sent by the next enter())."""
         tail = self._sq_tail.value
         index = tail & self._sq_mask
         off = index * SQE_SIZE
-        self._sqes[off:off + SQE_SIZE] = bytes(SQE_SIZE)
-        SQE.pack_into(self._sqes, off, opcode, 0, 0, fd, cmd_op, 0, addr, length, 0, user_data)
-        self._sqes[off + 48:off + 48 + len(cmd)] = cmd  # (the command area)
+        self._sqes[off:off + SQE_SIZE] = sqe
         struct.pack_into("=I", self._rings, self._sq_array + index * 4, index)
         self._sq_tail.value = tail + 1  # (x86 and CPython keep the stores in order)
         self._pending += 1
@@ -159,6 +166,7 @@ class _Entry:
                                          address, payload_size)
         self.header_view = memoryview(self.header).cast("B")
         self.payload_view = memoryview(self.payload)
+        self.commit = bytearray(SQE_SIZE)  # its COMMIT_AND_FETCH command, but the commit id
 
 
 class Queue:
@@ -194,12 +202,12 @@ class Queue:
         struct.pack_into("=IiQ", header, 0, 16 + len(body), -err, unique)
         entry.payload_view[:len(body)] = body
         struct.pack_into("=I", header, ENT_IN_OUT + 16, len(body))
-        commit_id = struct.unpack_from("=Q", header, ENT_IN_OUT + 8)[0]
-        self.ring.push(OP_URING_CMD, self.server.fd, CMD_COMMIT_AND_FETCH, 0, 0, index,
-                       CMD_REQ.pack(0, commit_id, self.qid))
+        commit = entry.commit
+        commit[56:64] = header[ENT_IN_OUT + 8:ENT_IN_OUT + 16]  # (the command's commit_id)
+        self.ring.push(commit)
 
     def _arm_wake(self) -> None:
-        self.ring.push(OP_READ, self.wake_fd, 0, ctypes.addressof(self._wake_buf), 8, WAKE)
+        self.ring.push(self._wake)
 
     def _run(self) -> None:
         _libc.prctl(PR_SET_NAME, self.thread.name.encode()[:15], 0, 0, 0)  # (for top -H, ps -L)
@@ -209,9 +217,14 @@ class Queue:
             except OSError:  # (a CPU possible but offline, or not ours: served from anywhere)
                 pass
             self.ring = Ring(4 * ENTRIES_PER_QUEUE)
+            fd = self.server.fd
             for i, entry in enumerate(self.entries):
-                self.ring.push(OP_URING_CMD, self.server.fd, CMD_REGISTER,
-                               ctypes.addressof(entry.iov), 2, i, CMD_REQ.pack(0, 0, self.qid))
+                self.ring.push(Ring.make(OP_URING_CMD, fd, CMD_REGISTER, ctypes.addressof(entry.iov),
+                                         2, i, CMD_REQ.pack(0, 0, self.qid)))
+                entry.commit[:] = Ring.make(OP_URING_CMD, fd, CMD_COMMIT_AND_FETCH, 0, 0, i,
+                                            CMD_REQ.pack(0, 0, self.qid))
+            self._wake = Ring.make(OP_READ, self.wake_fd, 0, ctypes.addressof(self._wake_buf), 8,
+                                   WAKE)
             self._arm_wake()
             self.ring.enter(0)
         except OSError as e:
@@ -230,6 +243,9 @@ class Queue:
         ring = self.ring
         buf = bytearray(self.server.payload_size + 4096)
         drain = self.server.drain
+        device = select.poll()  # (cheaper than a read that fails when nothing waits)
+        device.register(self.server.fd, select.POLLIN)
+        device_waits = device.poll
         while True:
             try:
                 ring.enter(1)
@@ -237,25 +253,38 @@ class Queue:
                 log.error("FUSE queue %d: %s", self.qid, e)
                 continue
             for user_data, res in ring.completions():
-                if user_data == WAKE:
-                    with self.outbox_lock:
-                        waiting, self.outbox = self.outbox, []
-                    for index, err, parts in waiting:
-                        self._commit(index, err, parts)
-                    self._arm_wake()
-                elif res >= 0:
-                    try:
-                        self._take(user_data, buf)
-                    except Exception:  # noqa: BLE001 - the queue must keep serving
-                        log.exception("FUSE queue %d: a request could not be taken", self.qid)
-                        self._commit(user_data, errno.EIO, ())
-                elif res in (-errno.ENOTCONN, -errno.ECANCELED, -errno.ECONNABORTED):
+                if res in (-errno.ENOTCONN, -errno.ECANCELED, -errno.ECONNABORTED):
                     return  # unmounted
-                else:  # (the kernel keeps the entry out of use)
-                    log.error("FUSE queue %d, entry %d: %s", self.qid, user_data, os.strerror(-res))
-            drain(buf)
+                try:
+                    if user_data == WAKE:
+                        self._send_replies()
+                    elif res >= 0:
+                        self._take(user_data, buf)
+                    else:  # (the kernel keeps the entry out of use)
+                        log.error("FUSE queue %d, entry %d: %s", self.qid, user_data,
+                                  os.strerror(-res))
+                except Exception:  # noqa: BLE001 - a stopped queue would hang its CPU's callers
+                    log.exception("FUSE queue %d: unexpected error; serving on", self.qid)
+            if device_waits(0):
+                drain(buf)
+
+    def _send_replies(self) -> None:
+        """Commit the replies other threads left in the outbox, and wait for more."""
+        with self.outbox_lock:
+            replies, self.outbox = self.outbox, []
+        self._arm_wake()
+        for index, err, parts in replies:
+            self._commit(index, err, parts)
 
     def _take(self, index: int, buf: bytearray) -> None:
+        """Hand the request in entry INDEX to the session (an I/O error if it cannot)."""
+        try:
+            self._lay_out(index, buf)
+        except Exception:  # noqa: BLE001 - answered, so that its caller goes on
+            log.exception("FUSE queue %d: a request could not be read", self.qid)
+            self._commit(index, errno.EIO, ())
+
+    def _lay_out(self, index: int, buf: bytearray) -> None:
         """Hand the request in entry INDEX to the session, laid out as /dev/fuse gives it."""
         entry = self.entries[index]
         header = entry.header_view
