@@ -119,3 +119,30 @@ def test_without_the_kernel_setting_it_serves_dev_fuse(union):
     assert "serving through /dev/fuse" in union.log.read_text()
     assert not _queue_threads(union.daemon_pid())
     assert marked(union["low"]) == []
+
+
+def test_a_kernel_that_refuses_rings_leaves_dev_fuse_serving(union, fuse_uring):
+    """Where io_uring itself is turned off (kernel.io_uring_disabled), the mount says so and
+    serves /dev/fuse as without the option."""
+    knob = "/proc/sys/kernel/io_uring_disabled"
+    if not os.path.exists(knob):
+        pytest.skip("no kernel.io_uring_disabled here")
+    (union["low"] / "f").write_text("lower\n")
+    union.expected_log.append("-o uring: ")
+    with open(knob) as f:
+        old = f.read().strip()
+    with open(knob, "w") as f:
+        f.write("2\n")
+    try:
+        union.mount("uring")
+    finally:
+        with open(knob, "w") as f:
+            f.write(f"{old}\n")
+    assert "serving through /dev/fuse" in union.log.read_text()
+    assert not _queue_threads(union.daemon_pid())
+    for i in range(100):
+        (union / f"new{i}").write_text(str(i))
+    os.rename(union / "f", union / "g")
+    assert sorted(os.listdir(union.mnt))[:3] == ["g", "new0", "new1"]
+    assert (union["up"] / "new99").read_text() == "99"
+    assert (union["low"] / "f").read_text() == "lower\n"

@@ -433,7 +433,8 @@ class Session:
         self.ops.no_opendir = bool(flags & wire.NO_OPENDIR_SUPPORT) and not self.opens
         if flags & wire.INIT_EXT and length >= BODY + wire.INIT_IN.size + wire.INIT_IN_FLAGS2.size:
             flags |= wire.INIT_IN_FLAGS2.unpack_from(self._buf, BODY + wire.INIT_IN.size)[0] << 32
-        wanted = self.wanted | (wire.INIT_EXT | wire.OVER_IO_URING if self.use_uring else 0)
+        queues = self._make_queues(flags) if self.use_uring else None
+        wanted = self.wanted | (wire.INIT_EXT | wire.OVER_IO_URING if queues else 0)
         agreed = wanted & flags
         reply = wire.INIT_OUT.pack(wire.MAJOR, wire.MINOR, max_readahead, agreed & 0xFFFFFFFF, 0, 0,
                                    MAX_WRITE, 1, MAX_WRITE // 4096, 0, agreed >> 32)
@@ -442,30 +443,40 @@ class Session:
         self.ops.init()
         self._send(unique, reply)
         log.debug("FUSE %d.%d, flags %#x of %#x", major, minor, agreed, flags)
-        if self.use_uring:
-            if agreed & wire.OVER_IO_URING:
-                self._start_queues()
-            else:
-                log.warning("-o uring: the kernel offers no FUSE over io_uring (Linux 6.14 or "
-                            "later, with %s set to Y): serving through /dev/fuse",
-                            uring.ENABLE_PARAMETER)
+        if queues:
+            self._start_queues(queues)
 
-    def _start_queues(self) -> None:
+    def _make_queues(self, offered: int) -> "uring.Queues | None":
+        """The io_uring queues for -o uring, if the kernel offers them and lets us make rings
+        (a kernel that agrees to io_uring holds every request until they are registered)."""
+        if not offered & wire.OVER_IO_URING:
+            log.warning("-o uring: the kernel offers no FUSE over io_uring (Linux 6.14 or later, "
+                        "with %s set to Y): serving through /dev/fuse", uring.ENABLE_PARAMETER)
+            return None
+        try:
+            return uring.Queues(self.fd, max(8192, MAX_WRITE), self._dispatch_queued,
+                                self._drain_device)
+        except OSError as e:
+            log.warning("-o uring: %s: serving through /dev/fuse", e.strerror)
+            return None
+
+    def _start_queues(self, queues: "uring.Queues") -> None:
         """Serve requests through a queue per CPU from now on (see unionfs.uring). From here
         on handlers and trio tasks take turns: each holds self.lock while it runs (trio's
         task steps through an instrument; this one, already running, takes it now)."""
-        queues = uring.Queues(self.fd, max(8192, MAX_WRITE), self._dispatch_queued,
-                              self._drain_device)
         trio.lowlevel.add_instrument(self._holds_lock)
-        self.lock.acquire()
-        self.queues = queues
-        self._window = self.poll_max = 0  # (/dev/fuse brings forgets alone now)
+        self.lock.acquire()  # (before the first queue can take a request)
         try:
             queues.start()
         except OSError as e:
-            log.warning("-o uring: %s: serving through /dev/fuse", e)
-        else:
-            log.info("serving through FUSE over io_uring, %d queues", len(queues.queues))
+            # (the kernel turned io_uring off for the mount when it refused the registration)
+            trio.lowlevel.remove_instrument(self._holds_lock)
+            self.lock.release()
+            log.warning("-o uring: %s: serving through /dev/fuse", e.strerror)
+            return
+        self.queues = queues
+        self._window = self.poll_max = 0  # (/dev/fuse brings FORGETs alone now)
+        log.info("serving through FUSE over io_uring, %d queues", len(queues.queues))
 
     def _dispatch_queued(self, buf: bytearray, length: int, queue, index: int) -> None:
         """Handle a request that came through io_uring (in its queue's thread)."""

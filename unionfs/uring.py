@@ -85,7 +85,8 @@ class Ring:
         p.flags = SETUP_SQE128
         fd = _libc.syscall(SYS_IO_URING_SETUP, entries, ctypes.byref(p))
         if fd < 0:
-            raise OSError(ctypes.get_errno(), "io_uring_setup")
+            err = ctypes.get_errno()
+            raise OSError(err, f"io_uring_setup: {os.strerror(err)}")
         self.fd = fd
         try:
             sq, cq = list(p.sq_off), list(p.cq_off)
@@ -133,7 +134,7 @@ class Ring:
             err = ctypes.get_errno()
             if err == errno.EINTR:
                 return
-            raise OSError(err, "io_uring_enter")
+            raise OSError(err, f"io_uring_enter: {os.strerror(err)}")
         self._pending -= done
 
     def completions(self) -> list[tuple[int, int]]:
@@ -180,7 +181,8 @@ class Queue:
         self.outbox_lock = threading.Lock()
         self.wake_fd = os.eventfd(0, os.EFD_CLOEXEC)
         self._wake_buf = ctypes.create_string_buffer(8)
-        self.ring: Ring | None = None
+        self.ring = Ring(4 * ENTRIES_PER_QUEUE)  # (made here: a kernel that refuses says so now)
+        self._early: list[tuple[int, int]] = []  # completions seen while registering
         self.thread = threading.Thread(target=self._run, name=f"fuse queue {qid}", daemon=True)
         self.started = threading.Event()
         self.failure: OSError | None = None
@@ -216,7 +218,6 @@ class Queue:
                 os.sched_setaffinity(0, {self.qid})
             except OSError:  # (a CPU possible but offline, or not ours: served from anywhere)
                 pass
-            self.ring = Ring(4 * ENTRIES_PER_QUEUE)
             fd = self.server.fd
             for i, entry in enumerate(self.entries):
                 self.ring.push(Ring.make(OP_URING_CMD, fd, CMD_REGISTER, ctypes.addressof(entry.iov),
@@ -227,6 +228,11 @@ class Queue:
                                    WAKE)
             self._arm_wake()
             self.ring.enter(0)
+            # a refused registration completes at once (the kernel then goes on with /dev/fuse)
+            self._early = self.ring.completions()
+            for user_data, res in self._early:
+                if user_data != WAKE and res < 0:
+                    raise OSError(-res, f"registering queue {self.qid}: {os.strerror(-res)}")
         except OSError as e:
             self.failure = e
             return
@@ -246,13 +252,9 @@ class Queue:
         device = select.poll()  # (cheaper than a read that fails when nothing waits)
         device.register(self.server.fd, select.POLLIN)
         device_waits = device.poll
+        completions = self._early
         while True:
-            try:
-                ring.enter(1)
-            except OSError as e:
-                log.error("FUSE queue %d: %s", self.qid, e)
-                continue
-            for user_data, res in ring.completions():
+            for user_data, res in completions:
                 if res in (-errno.ENOTCONN, -errno.ECANCELED, -errno.ECONNABORTED):
                     return  # unmounted
                 try:
@@ -267,6 +269,11 @@ class Queue:
                     log.exception("FUSE queue %d: unexpected error; serving on", self.qid)
             if device_waits(0):
                 drain(buf)
+            try:
+                ring.enter(1)
+            except OSError as e:
+                log.error("FUSE queue %d: %s", self.qid, e.strerror)
+            completions = ring.completions()
 
     def _send_replies(self) -> None:
         """Commit the replies other threads left in the outbox, and wait for more."""
@@ -308,11 +315,19 @@ class Queues:
         self.payload_size = payload_size
         self.dispatch = dispatch
         self.drain = drain
-        self.queues = [Queue(self, qid) for qid in range(_possible_cpus())]
+        self.queues: list[Queue] = []
+        try:
+            for qid in range(_possible_cpus()):
+                self.queues.append(Queue(self, qid))
+        except BaseException:
+            for q in self.queues:
+                q.ring.close()
+                os.close(q.wake_fd)
+            raise
 
     def start(self) -> None:
         """Register every queue's entries (after the INIT reply); OSError if the kernel
-        refuses (then /dev/fuse keeps serving)."""
+        refuses (then it goes on with /dev/fuse)."""
         for q in self.queues:
             q.thread.start()
             q.started.wait()
