@@ -20,9 +20,11 @@ EXPECTED = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EI
             errno.EXDEV}
 
 
-@pytest.mark.parametrize("options", [(), ("metacopy",), ("metacopy=off",)],
-                         ids=["fill", "metacopy", "copies"])
-def test_concurrent_random_operations(union, options):
+@pytest.mark.parametrize("options", [(), ("metacopy",), ("metacopy=off",), ("uring",)],
+                         ids=["fill", "metacopy", "copies", "uring"])
+def test_concurrent_random_operations(union, options, request):
+    if "uring" in options:  # (the clients' requests come through every CPU's queue)
+        request.getfixturevalue("fuse_uring")
     low = union["low"]
     for d in ("a", "b", "a/x"):
         (low / d).mkdir()
