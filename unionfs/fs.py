@@ -542,7 +542,7 @@ class UnionOperations(pyfuse3.Operations):
         at or past the end of that data (growing it, say): the size is a metadata-only copy's,
         the bytes past the lower data its tail (see write_past_data); False if the
         truncation must wait for the data, or needs no copy-up."""
-        if not self.union.needs_copy_up(node) or not self._copy_up_past_data(node, size):
+        if not self._copy_up_past_data(node, size):
             return False
         if not self.union.needs_copy_up(node):  # (an empty file, copied whole)
             return False
@@ -552,8 +552,9 @@ class UnionOperations(pyfuse3.Operations):
     def _copy_up_past_data(self, node: Node, off: int, buf=b"") -> bool:
         """Whether a change of NODE's data at OFF and past it (a write of BUF) needs none of
         the data it has now, and NODE then has the copy to take it: a metadata-only copy of a
-        lower file (if the union makes them), or a copy already made (see copy_up_at_once)."""
-        if node.ino in self._copy_locks:
+        lower file (if the union makes them), or a copy already made (see copy_up_at_once).
+        False for a node due for no copy-up."""
+        if not self.union.needs_copy_up(node) or node.ino in self._copy_locks:
             return False
         fd = self.data.get(node, False)
         end = os.fstat(fd).st_size
