@@ -235,6 +235,8 @@ class Queue:
                     raise OSError(-res, f"registering queue {self.qid}: {os.strerror(-res)}")
         except OSError as e:
             self.failure = e
+            self.ring.close()
+            os.close(self.wake_fd)
             return
         finally:
             self.started.set()
