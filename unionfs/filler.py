@@ -3,11 +3,12 @@
 A change of a lower file's metadata alone publishes a metadata-only copy at once (see
 metacopy); the filler gives such copies their data once such changes pause, or a second
 later if they do not: in batches whose data is copied, then synced together (their syncs
-share a journal commit instead of one each), and only then unmarked. What waits when the mount ends is filled before the
-daemon exits (which `pyunion umount` waits for): the writable branch then holds whole
-files again. A batch holds each of its files' copy-up locks: a write to one of them
-waits for the batch instead of racing it. A copy still marked after a kill or crash reads
-its lower data meanwhile, and is filled once a later mount meets it.
+share a journal commit instead of one each), and only then unmarked. What waits when the
+mount ends is filled before the daemon exits (which `pyunion umount` waits for): the
+writable branch then holds whole files again. A batch holds each of its files' copy-up
+locks: a write to one of them waits for the batch instead of racing it. A copy still marked
+after a kill or crash reads its lower data meanwhile, and is filled once a later mount
+meets it.
 """
 
 import logging
