@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import marked, tree, wait_filled
+from conftest import tree, wait_filled
 
 BIG = 8 << 20  # copied up in a worker thread, its reply sent from the loop's thread
 
@@ -118,7 +118,9 @@ def test_without_the_kernel_setting_it_serves_dev_fuse(union):
     assert (union / "f").read_text() == "lower\nmore\n"
     assert "serving through /dev/fuse" in union.log.read_text()
     assert not _queue_threads(union.daemon_pid())
-    assert marked(union["low"]) == []
+    assert (union["low"] / "f").read_text() == "lower\n"
+    assert wait_filled(union["up"]) == []
+    assert (union["up"] / "f").read_text() == "lower\nmore\n"
 
 
 def test_a_kernel_that_refuses_rings_leaves_dev_fuse_serving(union, fuse_uring):
