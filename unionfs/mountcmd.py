@@ -47,6 +47,8 @@ class MountOptions:
     plus_auto: bool = False  # readdirplus=auto: attributes with listings only when they are used
     low_latency: bool = False  # keep idle CPUs polling while requests come close together
     uring: bool = False  # take requests through FUSE over io_uring where the kernel offers it
+    # poll on the client's CPU at idle priority (see unionfs.colocate); None: where allowed
+    colocate: bool | None = None
     logfile: str | None = None
     fsname: str = "pyunion"
     workdir: str | None = None
@@ -113,6 +115,8 @@ def parse_options(items: list[str]) -> MountOptions:
                 o.low_latency = True
             elif key == "uring" and not sep:
                 o.uring = True
+            elif key in ("colocate", "nocolocate") and not sep:
+                o.colocate = key == "colocate"
             elif key == "readdirplus" and sep:
                 if value not in ("always", "auto"):
                     raise UsageError(f"option readdirplus: 'always' or 'auto', not {value!r}")
@@ -139,6 +143,10 @@ def parse_options(items: list[str]) -> MountOptions:
         raise UsageError("options uring and lowlatency: choose one")
     if o.low_latency and not o.poll_us:
         raise UsageError("option lowlatency holds its request while the daemon polls: drop poll=0")
+    if o.colocate and not o.extras:
+        raise UsageError("option colocate needs pyunion's own session: drop noextras")
+    if o.colocate and not o.poll_us:
+        raise UsageError("option colocate moves the daemon's polling: drop poll=0")
     return o
 
 
@@ -179,6 +187,7 @@ usage: pyunion mount [-o OPT[,OPT...]] [-f] [-d] BRANCHES MOUNTPOINT
   -o OPTIONS   ro, allow_other, nodefault_permissions, timeout=SEC, entry_timeout=SEC,
                attr_timeout=SEC, negative_timeout=SEC, writeback, volatile,
                metacopy=fill|on|off (metacopy, nometacopy), poll=USEC, lowlatency, uring,
+               colocate, nocolocate,
                readdirplus=always|auto, opens, noextras, logfile=PATH, fsname=NAME,
                workdir=DIR, and the kernel flags nodev, nosuid, noexec, noatime, sync, ...
                (README.md says what each one does)
@@ -287,6 +296,14 @@ def mount(specs: list[BranchSpec], mountpoint: str, o: MountOptions, foreground:
         except OSError as e:
             raise UsageError(f"option lowlatency: cannot use {CPU_LATENCY_QOS}: "
                              f"{e.strerror} (it needs root)") from None
+    if o.colocate is not False:
+        from unionfs import colocate
+
+        allowed = o.extras and o.poll_us > 0 and colocate.possible()
+        if o.colocate and not allowed:
+            raise UsageError("option colocate: this process may not make a thread SCHED_IDLE and "
+                             "turn it back (that needs CAP_SYS_NICE or an RLIMIT_NICE of 20)")
+        o.colocate = allowed
     if foreground:
         return serve(specs, mountpoint, o, workdir, debug, ready=None)
     r, w = os.pipe()
@@ -414,7 +431,7 @@ def serve(specs, mountpoint: str, o: MountOptions, workdir: str | None, debug: b
         fd = find_device_fd()
         if fd is not None:
             session = Session(ops, fd, o.writeback, o.poll_us / 1e6, o.opens, o.plus_auto,
-                              o.low_latency, o.uring)
+                              o.low_latency, o.uring, bool(o.colocate))
         else:
             log.info("no single /dev/fuse fd found: running on pyfuse3's request loop")
 

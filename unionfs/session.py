@@ -28,7 +28,7 @@ from functools import partial
 import pyfuse3
 import trio
 
-from unionfs import syscalls, uring, wire
+from unionfs import colocate, syscalls, uring, wire
 from unionfs.wire import (
     ATTR_OUT,
     BODY,
@@ -127,7 +127,7 @@ class Session:
 
     def __init__(self, ops, fd: int, writeback: bool = False, poll_max: float = POLL_MAX,
                  opens: bool = False, plus_auto: bool = False, low_latency: bool = False,
-                 use_uring: bool = False):
+                 use_uring: bool = False, colocation: bool = False):
         """OPENS: have the kernel send OPEN and OPENDIR, as kernels before 5.1 do.
         PLUS_AUTO: let the kernel list with plain READDIR (names only, no attributes, no
         inodes made) where nobody has looked up or stat()ed an entry of the directory since
@@ -135,7 +135,9 @@ class Session:
         LOW_LATENCY: while requests come close together, keep idle CPUs from halting (see
         _poll).
         USE_URING: take requests through io_uring, a queue per CPU, where the kernel offers it
-        (see unionfs.uring)."""
+        (see unionfs.uring).
+        COLOCATION: poll on the client's CPU at idle priority where that is faster (see
+        unionfs.colocate; the caller checks that this process may)."""
         self.ops = ops
         self.opens = opens
         self.union = ops.union
@@ -158,6 +160,9 @@ class Session:
         self._poller = select.poll()
         self._poller.register(fd, select.POLLIN)
         self._latency = syscalls.CpuLatencyRequest() if low_latency else None
+        self.colocation = colocation and poll_max > 0
+        self._colo: colocate.Colocation | None = None  # made by the loop's thread
+        self._reads = 0  # READ requests since the last look at colocation
         self._caller = (0, 0, 0)
         self.use_uring = use_uring
         self.queues: uring.Queues | None = None  # once requests come through io_uring
@@ -200,35 +205,51 @@ class Session:
         self.ops.invalidate = self._invalidate
         self._token = trio.lowlevel.current_trio_token()
         self._trio_thread = threading.get_ident()
+        if self.colocation:
+            self._colo = colocate.Colocation()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             served = 0
-            while not self._stopped:
-                try:
-                    size = os.readv(self.fd, [self._buf])
-                except BlockingIOError:
-                    if self.queues is not None:  # (FORGETs alone: the queues read them too)
-                        await trio.sleep(DEVICE_CHECK)
+            try:
+                while not self._stopped:
+                    try:
+                        size = os.readv(self.fd, [self._buf])
+                    except BlockingIOError:
+                        if self.queues is not None:  # (FORGETs alone: the queues read them too)
+                            await trio.sleep(DEVICE_CHECK)
+                            continue
+                        size = self._poll() if self._window else None
+                        if size is None:
+                            if self._colo is not None:  # (never asleep at idle priority)
+                                self._colo.normal()
+                            try:
+                                await trio.lowlevel.wait_readable(self.fd)
+                            except trio.ClosedResourceError:
+                                break
+                            continue
+                    except InterruptedError:
                         continue
-                    size = self._poll() if self._window else None
-                    if size is None:
-                        try:
-                            await trio.lowlevel.wait_readable(self.fd)
-                        except trio.ClosedResourceError:
+                    except OSError as e:
+                        if e.errno == errno.ENOENT:  # interrupted before we read it
+                            continue
+                        if e.errno == errno.ENODEV:  # unmounted
                             break
-                        continue
-                except InterruptedError:
-                    continue
-                except OSError as e:
-                    if e.errno == errno.ENOENT:  # interrupted before we read it
-                        continue
-                    if e.errno == errno.ENODEV:  # unmounted
-                        break
-                    raise
-                self._dispatch(size)
-                served += 1
-                if self._tasks or served % CHECKPOINT_EVERY == 0:
-                    await trio.lowlevel.checkpoint()
+                        raise
+                    if self._colo is not None:  # (requests are handled at the loop's own priority)
+                        self._colo.normal()
+                    self._dispatch(size)
+                    served += 1
+                    if self._colo is not None and served % colocate.CHECK_EVERY == 0:
+                        self._colo.check(self._caller[2], self._reads)
+                        self._reads = 0
+                    if self._tasks or served % CHECKPOINT_EVERY == 0:
+                        if self._colo is not None:  # (tasks' steps run at the loop's own priority)
+                            self._colo.normal()
+                        await trio.lowlevel.checkpoint()
+            finally:
+                if self._colo is not None:
+                    self._colo.close()
+                    self._colo = None
             if self._latency is not None:
                 self._latency.release()
             nursery.cancel_scope.cancel()
@@ -265,6 +286,8 @@ class Session:
                 size = os.readv(self.fd, [self._buf])
             except OSError:
                 return None  # the main loop reads again and sees it
+            if self._colo is not None and time.perf_counter() - deadline > colocate.STARVED:
+                self._colo.late()
             self._window = min(self._window * 2, self.poll_max)
             if self._latency is not None and not self._latency.held:
                 self._hold_latency()
@@ -368,6 +391,8 @@ class Session:
                 at[0].reply(at[1], 0, parts)
                 return True
         size = OUT_HEADER.size + sum(map(len, parts))
+        if self._colo is not None:
+            self._colo.before_reply()
         try:
             os.writev(self.fd, [OUT_HEADER.pack(size, 0, unique), *parts])
             return True
@@ -382,6 +407,8 @@ class Session:
             if at is not None:
                 at[0].reply(at[1], err, ())
                 return
+        if self._colo is not None:
+            self._colo.before_reply()
         try:
             os.write(self.fd, OUT_HEADER.pack(OUT_HEADER.size, -err, unique))
         except OSError as e:
@@ -476,6 +503,9 @@ class Session:
             return
         self.queues = queues
         self._window = self.poll_max = 0  # (/dev/fuse brings FORGETs alone now)
+        if self._colo is not None:  # (each queue's thread serves its own CPU)
+            self._colo.close()
+            self._colo = None
         log.info("serving through FUSE over io_uring, %d queues", len(queues.queues))
 
     def _dispatch_queued(self, buf: bytearray, length: int, queue, index: int) -> None:
@@ -649,6 +679,7 @@ class Session:
                         nlink=1)
 
     def _read(self, unique, nodeid, length):
+        self._reads += 1
         _, offset, size, _, _, _, _ = wire.READ_IN.unpack_from(self._buf, BODY)
         self._send(unique, self.ops.do_read(nodeid, offset, size))
 
