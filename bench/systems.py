@@ -321,6 +321,15 @@ class PyunionUring(Pyunion):
     mount_args = ("-o", "uring")
 
 
+class PyunionNoColocate(Pyunion):
+    """pyunion -o nocolocate: the daemon polls on a CPU of its own, as before colocation
+    (unionfs/colocate.py); shows what that buys. Not in the default run."""
+
+    name = "pyunion-nocolocate"
+    label = "pyunion -o nocolocate"
+    mount_args = ("-o", "nocolocate")
+
+
 class PyunionMetacopy(Pyunion):
     """pyunion -o metacopy, as `pyunion run` mounts containers' layers: metadata changes
     copy no data. Run only where that makes a difference."""
@@ -332,6 +341,8 @@ class PyunionMetacopy(Pyunion):
 
 
 SYSTEMS = {s.name: s for s in (Native(), KernelOverlay(), FuseOverlayfs(), UnionfsFuse(), Pyunion(),
-                               PyunionMetacopy(), PyunionLowLatency(), PyunionUring())}
-DEFAULT_SYSTEMS = [n for n in SYSTEMS if n not in (PyunionLowLatency.name, PyunionUring.name)]
+                               PyunionMetacopy(), PyunionLowLatency(), PyunionUring(),
+                               PyunionNoColocate())}
+DEFAULT_SYSTEMS = [n for n in SYSTEMS
+                   if n not in (PyunionLowLatency.name, PyunionUring.name, PyunionNoColocate.name)]
 REFERENCE = "fuse-overlayfs"

@@ -96,7 +96,7 @@ def test_bad_option_is_one_line_and_touches_nothing(out):
     assert done.returncode == 2
     assert done.stderr == ("bench: unknown system 'nfs' (choose from native, overlayfs, "
                            "fuse-overlayfs, unionfs-fuse, pyunion, pyunion-metacopy, pyunion-lowlatency, "
-                           "pyunion-uring)\n")
+                           "pyunion-uring, pyunion-nocolocate)\n")
     assert not (out / "never").exists()
 
     done = run_bench("--reps", "0", "--out", str(out / "never"))
