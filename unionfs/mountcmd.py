@@ -296,6 +296,8 @@ def mount(specs: list[BranchSpec], mountpoint: str, o: MountOptions, foreground:
         except OSError as e:
             raise UsageError(f"option lowlatency: cannot use {CPU_LATENCY_QOS}: "
                              f"{e.strerror} (it needs root)") from None
+    if o.colocate is None and o.low_latency:
+        o.colocate = False  # (idle CPUs poll then: a client and the daemon do better apart)
     if o.colocate is not False:
         from unionfs import colocate
 
