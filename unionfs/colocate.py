@@ -25,12 +25,12 @@ SCHED_IDLE needs CAP_SYS_NICE or an RLIMIT_NICE of 20: without them (an unprivil
 `possible()` says no and nothing changes.
 """
 
-import ctypes
 import os
 import threading
 import time
 
-_libc = ctypes.CDLL(None, use_errno=True)
+from unionfs import syscalls
+
 _PARAM = os.sched_param(0)
 LOADAVG = "/proc/loadavg"  # its fourth field: threads runnable now / threads
 CHECK_EVERY = 64  # requests between looks at the client's CPU and the machine's load
@@ -117,7 +117,7 @@ class Colocation:
             self.normal()
             return
         cpu = _last_cpu(pid) if pid else None
-        if cpu is not None and cpu in cpus and cpu != _libc.sched_getcpu():
+        if cpu is not None and cpu in cpus and cpu != syscalls.current_cpu():
             os.sched_setaffinity(0, {cpu})  # (moves this thread there now)
             os.sched_setaffinity(0, cpus)  # (and lets the scheduler move it again)
 

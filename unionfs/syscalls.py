@@ -3,7 +3,8 @@
 Every path the daemon touches inside a branch goes through here: directories are opened
 relative to a branch's root fd with symlinks refused, and single names are then used
 relative to such directory fds, so a symlink inside a branch is never followed. Also here:
-the data copy of copy-ups, and the CPU latency request of -o lowlatency.
+the data copy of copy-ups, the CPU latency request of -o lowlatency, and the current CPU
+(unionfs.colocate).
 """
 
 import ctypes
@@ -235,6 +236,11 @@ def _send_range(src: int, dst: int, off: int, count: int) -> bool:
 
 
 CPU_LATENCY_QOS = "/dev/cpu_dma_latency"
+
+
+def current_cpu() -> int:
+    """The CPU the calling thread runs on now (sched_getcpu: a vDSO call, no syscall)."""
+    return _libc.sched_getcpu()
 
 
 class CpuLatencyRequest:
