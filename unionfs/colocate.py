@@ -25,11 +25,14 @@ SCHED_IDLE needs CAP_SYS_NICE or an RLIMIT_NICE of 20: without them (an unprivil
 `possible()` says no and nothing changes.
 """
 
+import logging
 import os
 import threading
 import time
 
 from unionfs import syscalls
+
+log = logging.getLogger(__name__)
 
 _PARAM = os.sched_param(0)
 LOADAVG = "/proc/loadavg"  # its fourth field: threads runnable now / threads
@@ -71,10 +74,12 @@ class Colocation:
         self.thread = threading.get_ident()
         self.policy = os.sched_getscheduler(0)
         self.idle = False  # whether the thread is SCHED_IDLE now
+        self.broken = False  # the kernel refused a change: off for good
         self.enabled = False  # together now (from the first look that finds it pays)
         self._off_until = 0.0
         self._off_for = OFF_FOR
         self._was_crowded = False
+        self._cpus = os.sched_getaffinity(0)  # (the CPUs this thread may use, at the last look)
         self._loadavg = os.open(LOADAVG, os.O_RDONLY | os.O_CLOEXEC)
 
     def close(self) -> None:
@@ -84,19 +89,28 @@ class Colocation:
     def before_reply(self) -> None:
         """Turn SCHED_IDLE, so that the reply wakes the client on this CPU."""
         if self.enabled and not self.idle and threading.get_ident() == self.thread:
-            os.sched_setscheduler(0, os.SCHED_IDLE, _PARAM)
-            self.idle = True
+            self._turn(os.SCHED_IDLE)
 
     def normal(self) -> None:
         """Back to the thread's own priority (a request to handle, or the loop sleeps)."""
         if self.idle:
-            os.sched_setscheduler(0, self.policy, _PARAM)
-            self.idle = False
+            self._turn(self.policy)
+
+    def _turn(self, policy: int) -> None:
+        try:
+            os.sched_setscheduler(0, policy, _PARAM)
+        except OSError as e:  # (capabilities or limits changed under us: stop for good)
+            if not self.broken:
+                log.warning("colocation off: cannot change the loop's scheduling: %s", e.strerror)
+            self.broken = True
+            self.enabled = False
+            return
+        self.idle = policy == os.SCHED_IDLE
 
     def late(self) -> None:
         """A poll came back long after its time with a request waiting: others may want
         this CPU."""
-        if self._crowded(os.sched_getaffinity(0)):
+        if self._crowded(self._cpus):
             self._back_off()
             self.enabled = False
             self.normal()
@@ -105,21 +119,27 @@ class Colocation:
         """Every CHECK_EVERY requests, READS of them reads of data: whether together pays,
         and if so following the client (thread PID, as the request's header gives it) to
         its CPU."""
-        cpus = os.sched_getaffinity(0)
+        try:
+            cpus = self._cpus = os.sched_getaffinity(0)
+        except OSError:
+            return
         crowded, self._was_crowded = self._was_crowded, self._crowded(cpus)
         if crowded and self._was_crowded:  # (twice running: not a kernel thread's moment)
             self._back_off()
         elif self.enabled:
             self._off_for = OFF_FOR  # (together, and uncrowded again: a next back-off is short)
-        self.enabled = (not self._was_crowded and reads < CHECK_EVERY * READS_APART
-                        and time.monotonic() >= self._off_until)
+        self.enabled = (not self.broken and not self._was_crowded
+                        and reads < CHECK_EVERY * READS_APART and time.monotonic() >= self._off_until)
         if not self.enabled:
             self.normal()
             return
         cpu = _last_cpu(pid) if pid else None
         if cpu is not None and cpu in cpus and cpu != syscalls.current_cpu():
-            os.sched_setaffinity(0, {cpu})  # (moves this thread there now)
-            os.sched_setaffinity(0, cpus)  # (and lets the scheduler move it again)
+            try:
+                os.sched_setaffinity(0, {cpu})  # (moves this thread there now)
+                os.sched_setaffinity(0, cpus)  # (and lets the scheduler move it again)
+            except OSError:  # (a CPU gone offline or out of our cpuset since)
+                pass
 
     def _back_off(self) -> None:
         """Apart for a while, twice as long as last time if that was just before."""
