@@ -168,7 +168,23 @@ def machine() -> dict:
         "pyunion_commit": commit,
         "fuse-overlayfs": _package_version("fuse-overlayfs"),
         "unionfs-fuse": _package_version("unionfs-fuse"),
+        "cpuidle": _cpuidle(),
     }
+
+
+def _cpuidle() -> str:
+    """How idle CPUs wait: the cpuidle driver, and for haltpoll how long they poll before
+    halting (0 in a VM: each wake-up of a waiting client then costs a halt's exit)."""
+    base = Path("/sys/devices/system/cpu/cpuidle")
+    try:
+        driver = (base / "current_driver").read_text().strip()
+    except OSError:
+        return "?"
+    try:
+        poll = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns").read_text().strip()
+    except OSError:
+        return driver
+    return f"{driver}, guest_halt_poll_ns {poll}"
 
 
 def save_json(path: Path, data: dict) -> None:
@@ -250,6 +266,8 @@ def results_markdown(data: dict, systems: list[str], chart_name: str | None) -> 
         f"- fuse-overlayfs {m['fuse-overlayfs']}, unionfs-fuse {m['unionfs-fuse']} (Debian packages); "
         f"pyunion at commit {m['pyunion_commit']}",
     ]
+    if m.get("cpuidle"):
+        lines.append(f"- idle CPUs: cpuidle driver {m['cpuidle']}")
     if "scratch" in data:
         lines.append(f"- writable layers on: {data['scratch']}")
     if data.get("page_reporting"):
