@@ -209,43 +209,8 @@ class Session:
             self._colo = colocate.Colocation()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            served = 0
             try:
-                while not self._stopped:
-                    try:
-                        size = os.readv(self.fd, [self._buf])
-                    except BlockingIOError:
-                        if self.queues is not None:  # (FORGETs alone: the queues read them too)
-                            await trio.sleep(DEVICE_CHECK)
-                            continue
-                        size = self._poll() if self._window else None
-                        if size is None:
-                            if self._colo is not None:  # (never asleep at idle priority)
-                                self._colo.normal()
-                            try:
-                                await trio.lowlevel.wait_readable(self.fd)
-                            except trio.ClosedResourceError:
-                                break
-                            continue
-                    except InterruptedError:
-                        continue
-                    except OSError as e:
-                        if e.errno == errno.ENOENT:  # interrupted before we read it
-                            continue
-                        if e.errno == errno.ENODEV:  # unmounted
-                            break
-                        raise
-                    if self._colo is not None:  # (requests are handled at the loop's own priority)
-                        self._colo.normal()
-                    self._dispatch(size)
-                    served += 1
-                    if self._colo is not None and served % colocate.CHECK_EVERY == 0:
-                        self._colo.check(self._caller[2], self._reads)
-                        self._reads = 0
-                    if self._tasks or served % CHECKPOINT_EVERY == 0:
-                        if self._colo is not None:  # (tasks' steps run at the loop's own priority)
-                            self._colo.normal()
-                        await trio.lowlevel.checkpoint()
+                await self._take_requests()
             finally:
                 if self._colo is not None:
                     self._colo.close()
@@ -256,6 +221,45 @@ class Session:
         if self.queues is not None:
             trio.lowlevel.remove_instrument(self._holds_lock)
             self.lock.release()  # (held for this step: see _start_queues)
+
+    async def _take_requests(self) -> None:
+        """Read and answer requests from /dev/fuse until unmounted or stopped."""
+        served = 0
+        while not self._stopped:
+            try:
+                size = os.readv(self.fd, [self._buf])
+            except BlockingIOError:
+                if self.queues is not None:  # (FORGETs alone: the queues read them too)
+                    await trio.sleep(DEVICE_CHECK)
+                    continue
+                size = self._poll() if self._window else None
+                if size is None:
+                    if self._colo is not None:  # (never asleep at idle priority)
+                        self._colo.normal()
+                    try:
+                        await trio.lowlevel.wait_readable(self.fd)
+                    except trio.ClosedResourceError:
+                        break
+                    continue
+            except InterruptedError:
+                continue
+            except OSError as e:
+                if e.errno == errno.ENOENT:  # interrupted before we read it
+                    continue
+                if e.errno == errno.ENODEV:  # unmounted
+                    break
+                raise
+            if self._colo is not None:  # (requests are handled at the loop's own priority)
+                self._colo.normal()
+            self._dispatch(size)
+            served += 1
+            if self._colo is not None and served % colocate.CHECK_EVERY == 0:
+                self._colo.check(self._caller[2], self._reads)
+                self._reads = 0
+            if self._tasks or served % CHECKPOINT_EVERY == 0:
+                if self._colo is not None:  # (tasks' steps run at the loop's own priority)
+                    self._colo.normal()
+                await trio.lowlevel.checkpoint()
 
     def _poll(self) -> int | None:
         """Wait for the next request by polling, for a while: the size read, or None.
