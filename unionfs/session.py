@@ -387,18 +387,19 @@ class Session:
 
     # ------------------------------------------------------------------ replies
 
-    def _send(self, unique: int, *parts) -> bool:
-        """Reply to request UNIQUE; False if the kernel no longer waits for it."""
+    def _send(self, unique: int, *parts, err: int = 0) -> bool:
+        """Reply to request UNIQUE (an error ERR, with no PARTS); False if the kernel no
+        longer waits for it."""
         if self._ring_requests:
             at = self._ring_requests.pop(unique, None)
             if at is not None:
-                at[0].reply(at[1], 0, parts)
+                at[0].reply(at[1], err, parts)
                 return True
         size = OUT_HEADER.size + sum(map(len, parts))
         if self._colo is not None:
             self._colo.before_reply()
         try:
-            os.writev(self.fd, [OUT_HEADER.pack(size, 0, unique), *parts])
+            os.writev(self.fd, [OUT_HEADER.pack(size, -err, unique), *parts])
             return True
         except OSError as e:
             if e.errno not in (errno.ENOENT, errno.ENODEV):  # interrupted, unmounted
@@ -406,18 +407,7 @@ class Session:
             return False
 
     def _error(self, unique: int, err: int) -> None:
-        if self._ring_requests:
-            at = self._ring_requests.pop(unique, None)
-            if at is not None:
-                at[0].reply(at[1], err, ())
-                return
-        if self._colo is not None:
-            self._colo.before_reply()
-        try:
-            os.write(self.fd, OUT_HEADER.pack(OUT_HEADER.size, -err, unique))
-        except OSError as e:
-            if e.errno not in (errno.ENOENT, errno.ENODEV):
-                log.error("reply to request %d failed: %s", unique, e)
+        self._send(unique, err=err)
 
     def _ok(self, unique: int, _result=None) -> None:
         self._send(unique)
